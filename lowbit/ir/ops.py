@@ -1,0 +1,220 @@
+"""lowbit's domain ops, declared with ``torch.library.custom_op`` in the ``lowbit`` namespace.
+
+Each op's body here is the reference CPU implementation: the numerical ground truth that
+every lowering (Triton, CPU int8, ONNX for QNN) is tested against. Each has a fake (meta)
+implementation so that torch.export and torch.compile can trace through it.
+
+Quantization parameters arrive as tensors already shaped to broadcast against the operand
+(a per-channel scale of a (B, N, C) input is (C,)), so one op serves every granularity.
+Rounding is round-half-to-even (``torch.round``), as in the official DGQ and Q-Diffusion code.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "fake_quant",
+    "log2_fake_quant",
+    "quantized_attention",
+    "quantized_conv2d",
+    "quantized_linear",
+    "select_timestep",
+]
+
+_TINY = 1e-30
+
+
+def _uniform(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Eq. 1 of DGQ: x_q = clamp(round(x / s) + z, qmin, qmax), x_dq = s (x_q - z)."""
+    xf = x.float()
+    q = torch.clamp(torch.round(xf / scale) + zero_point, qmin, qmax)
+    return ((q - zero_point) * scale).to(x.dtype)
+
+
+def _log2(x: Tensor, scale: Tensor, levels: int) -> Tensor:
+    """Eq. 2 of DGQ: x_q = clamp(round(-log2(x / s)), 0, 2^b - 1), x_dq = s 2^(-x_q)."""
+    xf = x.float().clamp_min(_TINY)
+    q = torch.clamp(torch.round(-torch.log2(xf / scale)), 0, levels - 1)
+    return (scale * torch.exp2(-q)).to(x.dtype)
+
+
+@torch.library.custom_op("lowbit::fake_quant", mutates_args=())
+def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """Uniform quantize-dequantize with broadcastable scale and zero point."""
+    return _uniform(x, scale, zero_point, qmin, qmax)
+
+
+@fake_quant.register_fake
+def _(x, scale, zero_point, qmin, qmax):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lowbit::log2_fake_quant", mutates_args=())
+def log2_fake_quant(x: Tensor, scale: Tensor, levels: int) -> Tensor:
+    """Logarithmic quantize-dequantize for non-negative tensors (attention probabilities)."""
+    return _log2(x, scale, levels)
+
+
+@log2_fake_quant.register_fake
+def _(x, scale, levels):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("lowbit::select_timestep", mutates_args=())
+def select_timestep(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tensor:
+    """Row of ``table`` for the calibrated timestep nearest to ``timestep`` (its first element).
+
+    Per-timestep quantization (DGQ eq. 7, TFMQ-DM) stores one parameter row per calibrated
+    timestep; the graph picks the row from the timestep input it receives, so the quantized
+    module works inside a diffusers pipeline's own denoising loop.
+    """
+    t = timestep.reshape(-1)[0].to(timesteps.dtype)
+    return table[torch.argmin((timesteps - t).abs())].clone()
+
+
+@select_timestep.register_fake
+def _(table, timesteps, timestep):
+    return table.new_empty(table.shape[1:])
+
+
+def _quantize_input(x: Tensor, scale: Tensor | None, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    if scale is None:
+        return x
+    if zero_point is None:
+        zero_point = torch.zeros_like(scale)
+    return _uniform(x, scale, zero_point, qmin, qmax)
+
+
+def _dequantize_weight(weight: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
+    shape = (-1,) + (1,) * (weight.dim() - 1)
+    return (weight.float() * weight_scale.reshape(shape)).to(dtype)
+
+
+@torch.library.custom_op("lowbit::quantized_linear", mutates_args=())
+def quantized_linear(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    input_zero_point: Tensor | None,
+    input_qmin: int,
+    input_qmax: int,
+) -> Tensor:
+    """y = Q(x) Ŵᵀ + b with integer weights (symmetric, one scale per output channel)."""
+    xq = _quantize_input(x, input_scale, input_zero_point, input_qmin, input_qmax)
+    return F.linear(xq, _dequantize_weight(weight, weight_scale, x.dtype), bias)
+
+
+@quantized_linear.register_fake
+def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qmin, input_qmax):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("lowbit::quantized_conv2d", mutates_args=())
+def quantized_conv2d(
+    x: Tensor,
+    weight: Tensor,
+    weight_scale: Tensor,
+    bias: Tensor | None,
+    input_scale: Tensor | None,
+    input_zero_point: Tensor | None,
+    input_qmin: int,
+    input_qmax: int,
+    stride: list[int],
+    padding: list[int],
+    dilation: list[int],
+    groups: int,
+) -> Tensor:
+    """2-D convolution of Q(x) with integer weights (symmetric, one scale per output channel)."""
+    xq = _quantize_input(x, input_scale, input_zero_point, input_qmin, input_qmax)
+    w = _dequantize_weight(weight, weight_scale, x.dtype)
+    return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
+
+
+@quantized_conv2d.register_fake
+def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qmin, input_qmax, stride, padding, dilation, groups):
+    h, w = x.shape[-2:]
+    kh, kw = weight.shape[-2:]
+    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
+    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
+    return x.new_empty((*x.shape[:-3], weight.shape[0], oh, ow))
+
+
+def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
+    """softmax(q kᵀ · scale + mask) in float32, with SDPA's mask conventions (bool: keep where True)."""
+    scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask.float()
+    return torch.softmax(scores, dim=-1)
+
+
+def quantize_probs(
+    probs: Tensor,
+    scale: Tensor | None,
+    zero_point: Tensor | None,
+    scheme: str,
+    qmin: int,
+    qmax: int,
+    start_token: int,
+    dynamic_scale: bool,
+) -> Tensor:
+    """Quantize attention probabilities; DGQ eq. 8-9 when ``start_token`` >= 0 and scheme is log2.
+
+    The start-token column (index ``start_token`` along the key axis) stays in full precision;
+    the other columns are quantized with the static ``scale`` or, with ``dynamic_scale``, with
+    s = max(A[:, others]) computed here, one scalar per tensor as in the paper.
+    """
+    if scheme == "none":
+        return probs
+    keep = None
+    if start_token >= 0:
+        keep = probs[..., start_token : start_token + 1]
+        probs = torch.cat([probs[..., :start_token], probs[..., start_token + 1 :]], dim=-1)
+    if dynamic_scale:
+        scale = probs.amax().clamp_min(_TINY).reshape(())
+    if scale is None:
+        raise ValueError("static probability quantization needs a scale")
+    if scheme == "log2":
+        out = _log2(probs, scale, qmax + 1)
+    else:
+        out = _uniform(probs, scale, zero_point if zero_point is not None else torch.zeros_like(scale), qmin, qmax)
+    if keep is not None:
+        out = torch.cat([out[..., :start_token], keep, out[..., start_token:]], dim=-1)
+    return out
+
+
+@torch.library.custom_op("lowbit::quantized_attention", mutates_args=())
+def quantized_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    attn_mask: Tensor | None,
+    scale: float,
+    probs_scale: Tensor | None,
+    probs_zero_point: Tensor | None,
+    probs_scheme: str,
+    probs_qmin: int,
+    probs_qmax: int,
+    start_token: int,
+    dynamic_scale: bool,
+) -> Tensor:
+    """softmax(q kᵀ · scale + mask) V with the probabilities quantized (scheme "none" keeps them).
+
+    q, k, v are (..., heads, tokens, head_dim) as for SDPA; they arrive already quantized by
+    their own fake_quant nodes when the recipe quantizes them.
+    """
+    probs = attention_probs(q, k, attn_mask, scale)
+    probs = quantize_probs(probs, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token, dynamic_scale)
+    return torch.matmul(probs.to(v.dtype), v)
+
+
+@quantized_attention.register_fake
+def _(q, k, v, attn_mask, scale, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token, dynamic_scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))

@@ -1,0 +1,136 @@
+"""Streaming calibration statistics, keyed by quantization target and diffusion timestep.
+
+Memory grows with channels + tokens, never with the number of samples seen, and ``merge`` is
+associative and commutative (min, max and sums), so statistics gathered on several shards
+(GPUs, processes) combine exactly into what one pass over all the data would have produced.
+
+Layouts name where the channel axis of an observed tensor is:
+- ``"channels_last"``: (batch, *tokens, C) — linear inputs, attention operands; tokens flattened.
+- ``"channels_first"``: (batch, C, *pixels) — convolution inputs; pixels flattened.
+For attention probabilities (batch, heads, queries, keys) the keys play the role of channels,
+so the start-token column shows up as one "channel".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+from torch import Tensor
+
+__all__ = ["CalibrationError", "Layout", "ObservationStore", "RangeStatistics", "timestep_key"]
+
+Layout = Literal["channels_last", "channels_first"]
+
+
+class CalibrationError(ValueError):
+    """Calibration met data it cannot use (NaN/Inf, inconsistent shapes); names node and timestep."""
+
+
+def timestep_key(value: float) -> float:
+    """Timesteps as dictionary keys: floats rounded so 999 and 999.0000001 coincide."""
+    return round(float(value), 4)
+
+
+def _as_matrix(x: Tensor, layout: Layout) -> Tensor:
+    """(batch, tokens, channels) view of an observed tensor."""
+    if x.dim() < 2:
+        return x.reshape(1, 1, -1) if x.dim() == 1 else x.reshape(1, 1, 1)
+    if layout == "channels_first":
+        return x.reshape(x.shape[0], x.shape[1], -1).transpose(1, 2)
+    return x.reshape(x.shape[0], -1, x.shape[-1])
+
+
+@dataclass
+class RangeStatistics:
+    """Per-channel and per-token min/max (DGQ eq. 4 needs both), plus per-channel moments."""
+
+    channel_min: Tensor
+    channel_max: Tensor
+    token_min: Tensor
+    token_max: Tensor
+    channel_sum: Tensor
+    channel_sumsq: Tensor
+    count: int  # elements per channel seen
+
+    @classmethod
+    def of(cls, x: Tensor, layout: Layout) -> RangeStatistics:
+        m = _as_matrix(x.detach().float(), layout)
+        flat = m.reshape(-1, m.shape[-1])
+        return cls(
+            channel_min=flat.amin(0),
+            channel_max=flat.amax(0),
+            token_min=m.amin(dim=(0, 2)),
+            token_max=m.amax(dim=(0, 2)),
+            channel_sum=flat.sum(0, dtype=torch.float64),
+            channel_sumsq=(flat.double() ** 2).sum(0),
+            count=flat.shape[0],
+        )
+
+    def merge(self, other: RangeStatistics) -> RangeStatistics:
+        if other.channel_min.shape != self.channel_min.shape or other.token_min.shape != self.token_min.shape:
+            raise ValueError(
+                f"cannot merge statistics of shape (tokens={tuple(other.token_min.shape)}, "
+                f"channels={tuple(other.channel_min.shape)}) into (tokens={tuple(self.token_min.shape)}, "
+                f"channels={tuple(self.channel_min.shape)}): calibration inputs must share one shape"
+            )
+        return RangeStatistics(
+            torch.minimum(self.channel_min, other.channel_min),
+            torch.maximum(self.channel_max, other.channel_max),
+            torch.minimum(self.token_min, other.token_min),
+            torch.maximum(self.token_max, other.token_max),
+            self.channel_sum + other.channel_sum,
+            self.channel_sumsq + other.channel_sumsq,
+            self.count + other.count,
+        )
+
+    @property
+    def min(self) -> float:
+        return float(self.channel_min.min())
+
+    @property
+    def max(self) -> float:
+        return float(self.channel_max.max())
+
+    @property
+    def channel_std(self) -> Tensor:
+        mean = self.channel_sum / self.count
+        return (self.channel_sumsq / self.count - mean**2).clamp_min(0).sqrt().float()
+
+    def nbytes(self) -> int:
+        tensors = (self.channel_min, self.channel_max, self.token_min, self.token_max, self.channel_sum, self.channel_sumsq)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass
+class ObservationStore:
+    """Statistics for every (target, timestep) seen during calibration."""
+
+    stats: dict[str, dict[float, RangeStatistics]] = field(default_factory=dict)
+
+    def add(self, target: str, timestep: float, observed: RangeStatistics) -> None:
+        per_t = self.stats.setdefault(target, {})
+        key = timestep_key(timestep)
+        per_t[key] = per_t[key].merge(observed) if key in per_t else observed
+
+    def merge(self, other: ObservationStore) -> ObservationStore:
+        out = ObservationStore({t: dict(v) for t, v in self.stats.items()})
+        for target, per_t in other.stats.items():
+            for key, observed in per_t.items():
+                out.add(target, key, observed)
+        return out
+
+    def timesteps(self, target: str) -> list[float]:
+        return sorted(self.stats.get(target, {}))
+
+    def overall(self, target: str) -> RangeStatistics:
+        """Statistics of a target over all timesteps."""
+        per_t = list(self.stats[target].values())
+        out = per_t[0]
+        for observed in per_t[1:]:
+            out = out.merge(observed)
+        return out
+
+    def nbytes(self) -> int:
+        return sum(s.nbytes() for per_t in self.stats.values() for s in per_t.values())

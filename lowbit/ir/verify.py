@@ -1,0 +1,53 @@
+"""The IR verifier, run at a pipeline's entry and exit and after every pass.
+
+It checks what every pass promises (see lowbit/passes/README.md) and fails with a message that
+names the node, its layer and the stage (the pass that ran last), so a broken rewrite is caught
+where it happened rather than as a shape error three passes later.
+"""
+
+from __future__ import annotations
+
+import torch.fx
+
+from lowbit.ir.graph_edit import fetch_attr
+from lowbit.ir.annotations import ATTENTION_KEY, CREATED_BY_KEY, LAYER_KEY, QUANT_KEY, AttentionInfo, LayerInfo, QuantAnnotation
+
+__all__ = ["IRError", "verify"]
+
+
+class IRError(RuntimeError):
+    """The graph breaks an IR invariant."""
+
+
+def _fail(stage: str, node: torch.fx.Node, problem: str) -> None:
+    layer = node.meta.get(LAYER_KEY)
+    where = f"node '{node.name}'" + (f" (layer {layer.path})" if layer else "")
+    raise IRError(f"IR check after {stage}: {where}: {problem}")
+
+
+def _is_lowbit_op(node: torch.fx.Node) -> bool:
+    return node.op == "call_function" and getattr(node.target, "namespace", None) == "lowbit"
+
+
+def verify(gm: torch.fx.GraphModule, stage: str) -> None:
+    """Raise :class:`IRError` if any invariant is broken."""
+    try:
+        gm.graph.lint()
+    except Exception as err:  # fx's lint raises plain RuntimeError/AssertionError
+        raise IRError(f"IR check after {stage}: graph is malformed: {err}") from err
+    for node in gm.graph.nodes:
+        if node.op == "get_attr":
+            try:
+                fetch_attr(gm, node.target)
+            except AttributeError:
+                _fail(stage, node, f"get_attr target '{node.target}' does not exist in the module")
+        for key, cls in ((LAYER_KEY, LayerInfo), (QUANT_KEY, QuantAnnotation), (ATTENTION_KEY, AttentionInfo)):
+            if key in node.meta and not isinstance(node.meta[key], cls):
+                _fail(stage, node, f"meta['{key}'] must be a {cls.__name__}, found {type(node.meta[key]).__name__}")
+        if QUANT_KEY in node.meta and LAYER_KEY not in node.meta:
+            _fail(stage, node, "a quantization annotation without a layer annotation")
+        if _is_lowbit_op(node):
+            if CREATED_BY_KEY not in node.meta:
+                _fail(stage, node, f"lowbit op {node.target} carries no '{CREATED_BY_KEY}' stamp")
+            if str(node.target) != "lowbit.select_timestep.default" and LAYER_KEY not in node.meta:
+                _fail(stage, node, f"lowbit op {node.target} carries no layer annotation")

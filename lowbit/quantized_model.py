@@ -1,0 +1,55 @@
+"""The module that ``lowbit.quantize`` returns: a drop-in replacement for a diffusers denoiser.
+
+It runs the quantized graph, accepts the calls a diffusers pipeline makes (positional or keyword
+arguments, an int or tensor timestep, ``return_dict``), checks the inputs against the captured
+signature with a message that names the argument, and answers attribute look-ups the pipeline
+makes on its denoiser (``config``, ``dtype``, ``in_channels``...) from the original model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx
+
+from lowbit.ir.capture import SIGNATURE_KEY, InputSignature, normalize_inputs
+from lowbit.ir.params import OperandParams
+from lowbit.recipes import Recipe
+
+__all__ = ["QuantizedModel"]
+
+
+class QuantizedModel(torch.nn.Module):
+    def __init__(self, graph_module: torch.fx.GraphModule, original: torch.nn.Module, recipe: Recipe,
+                 params: dict[str, OperandParams], timestep_arg: str | None, records=()):
+        super().__init__()
+        self.graph_module = graph_module
+        self.recipe = recipe
+        self.params = params
+        self.timestep_arg = timestep_arg
+        self.records = list(records)
+        object.__setattr__(self, "_original", original)  # not a submodule: no duplicate weights in state_dict
+
+    @property
+    def signature(self) -> InputSignature:
+        return self.graph_module.meta[SIGNATURE_KEY]
+
+    @property
+    def original(self) -> torch.nn.Module:
+        return self._original
+
+    def forward(self, *args, **kwargs) -> Any:
+        return_dict = kwargs.pop("return_dict", True)
+        inputs = normalize_inputs(self._original, args, kwargs, self.timestep_arg)
+        self.signature.check(inputs, type(self._original).__name__)
+        out = self.graph_module(**inputs)
+        if return_dict or isinstance(out, tuple):
+            return out
+        return out.to_tuple()
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._original, name)

@@ -1,0 +1,139 @@
+"""Recipes: which passes run, with which settings, as versioned data.
+
+A Recipe is a frozen dataclass that checks itself, round-trips through TOML and JSON, and is
+saved next to every quantized model. Built-in recipes are named ``"<method>-w<X>a<Y>"``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tomllib
+from dataclasses import dataclass
+from typing import Literal
+
+import tomli_w
+
+from lowbit.ir.annotations import MAX_BITS, MIN_BITS, QuantSpec
+from lowbit.passes.annotate_quantization import AnnotateQuantization
+from lowbit.passes.base import Pass
+from lowbit.passes.canonicalize_attention import CanonicalizeAttention
+from lowbit.passes.choose_quant_params import ChooseQuantParams
+from lowbit.passes.convert_to_quantized_ops import ConvertToQuantizedOps
+from lowbit.passes.insert_observers import InsertObservers
+
+__all__ = ["RECIPE_VERSION", "Recipe", "RecipeError", "get_recipe", "recipes"]
+
+RECIPE_VERSION = 1
+_BASELINE_BITS = (4, 6, 8, 16)
+
+
+class RecipeError(ValueError):
+    """An invalid recipe: the message names the field and the accepted values."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Settings of a quantization run.
+
+    ``activation_mode`` "per_timestep" keeps one activation range per calibrated diffusion
+    timestep (TFMQ-DM, DGQ eq. 7); ``attention_bits`` None quantizes attention probabilities at
+    the activation bit-width (DGQ's setting; Q-Diffusion keeps them at 16 for SD).
+    """
+
+    name: str
+    weight_bits: float
+    activation_bits: float
+    weight_range: Literal["minmax", "mse"] = "minmax"
+    activation_mode: Literal["static", "per_timestep"] = "per_timestep"
+    quantize_attention: bool = True
+    attention_bits: float | None = None
+    keep_fp: tuple[str, ...] = ()
+    keep_io_layers: bool = True
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self) -> None:
+        if self.version != RECIPE_VERSION:
+            raise RecipeError(f"recipe {self.name!r} has version {self.version}; this lowbit reads version {RECIPE_VERSION}")
+        for field in ("weight_bits", "activation_bits", "attention_bits"):
+            bits = getattr(self, field)
+            if bits is not None and not (MIN_BITS <= float(bits) <= MAX_BITS):
+                raise RecipeError(f"recipe {self.name!r}: {field} = {bits} is outside [{MIN_BITS:g}, {MAX_BITS:g}]")
+        if self.weight_range not in ("minmax", "mse"):
+            raise RecipeError(f"recipe {self.name!r}: weight_range must be 'minmax' or 'mse', not {self.weight_range!r}")
+        if self.activation_mode not in ("static", "per_timestep"):
+            raise RecipeError(f"recipe {self.name!r}: activation_mode must be 'static' or 'per_timestep', not {self.activation_mode!r}")
+        object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
+
+    # -- the passes this recipe runs -------------------------------------------------------
+
+    def structure_passes(self) -> list[Pass]:
+        """The rewriting passes that do not depend on calibration (replayed by ``lowbit.load``)."""
+        return [CanonicalizeAttention(), self._annotate()]
+
+    def prepare_passes(self) -> list[Pass]:
+        """Passes before calibration: rewrite, annotate, observe."""
+        return self.structure_passes() + [InsertObservers()]
+
+    def convert_passes(self) -> list[Pass]:
+        """Passes after calibration: choose parameters, emit quantized ops."""
+        return [ChooseQuantParams(self.weight_range), ConvertToQuantizedOps()]
+
+    def _annotate(self) -> AnnotateQuantization:
+        weight = QuantSpec(self.weight_bits, granularity="channel", axis=0, symmetric=True)
+        activation = QuantSpec(self.activation_bits, mode=self.activation_mode)
+        probs = QuantSpec(self.attention_bits or self.activation_bits, mode=self.activation_mode)
+        return AnnotateQuantization(weight, activation, probs, self.keep_fp, self.keep_io_layers, self.quantize_attention)
+
+    # -- serialization ---------------------------------------------------------------------
+
+    def to_dict(self) -> dict:
+        out = dataclasses.asdict(self)
+        out["keep_fp"] = list(self.keep_fp)
+        return {k: v for k, v in out.items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(data) - known
+        if unknown:
+            raise RecipeError(f"unknown recipe field(s) {sorted(unknown)}; known fields: {sorted(known)}")
+        if "name" not in data or "weight_bits" not in data or "activation_bits" not in data:
+            raise RecipeError("a recipe needs at least name, weight_bits and activation_bits")
+        return cls(**data)
+
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.to_dict())
+
+    @classmethod
+    def from_toml(cls, text: str) -> Recipe:
+        try:
+            data = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as err:
+            raise RecipeError(f"recipe file is not valid TOML: {err}") from err
+        return cls.from_dict(data)
+
+
+def _builtin() -> dict[str, Recipe]:
+    out = {}
+    for w in _BASELINE_BITS:
+        for a in _BASELINE_BITS:
+            out[f"minmax-w{w}a{a}"] = Recipe(f"minmax-w{w}a{a}", w, a)
+            out[f"mse-w{w}a{a}"] = Recipe(f"mse-w{w}a{a}", w, a, weight_range="mse")
+    return out
+
+
+_RECIPES = _builtin()
+
+
+def recipes() -> list[str]:
+    """Names of the built-in recipes."""
+    return sorted(_RECIPES)
+
+
+def get_recipe(recipe: str | Recipe) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if recipe in _RECIPES:
+        return _RECIPES[recipe]
+    close = [n for n in _RECIPES if n.split("-")[0] == str(recipe).split("-")[0]][:6] or recipes()[:6]
+    raise RecipeError(f"unknown recipe {recipe!r}; built-in recipes include {', '.join(close)} (see lowbit.recipes())")
