@@ -50,6 +50,10 @@ class OperandParams:
     def storage_dtype(spec: QuantSpec) -> torch.dtype:
         return torch.int8 if spec.bits <= 8 else torch.int16
 
+    def representable_range(self) -> tuple[Tensor, Tensor]:
+        """The float range the quantization grid covers, per parameter row."""
+        return (self.spec.qmin - self.zero_point) * self.scale, (self.spec.qmax - self.zero_point) * self.scale
+
     def tensors(self) -> dict[str, Tensor]:
         names = ("scale", "zero_point", "timesteps", "qvalues")
         return {n: getattr(self, n) for n in names if getattr(self, n) is not None}

@@ -1,0 +1,133 @@
+"""``lowbit.save`` / ``lowbit.load``: safetensors + JSON, never pickle.
+
+A saved model is a folder with ``lowbit.json`` (format version, recipe, captured input
+signature, the spec of every quantized operand) and ``params.safetensors`` (scales, zero
+points, timestep tables, integer weights). Loading re-captures the user's model on inputs of the
+saved signature, replays the recipe's structure passes and converts with the saved parameters,
+so no code or graph is ever deserialized. Both files are written to a temporary folder that
+replaces the target only when complete: a failed save leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.ir.annotations import QUANT_KEY, LAYER_KEY, QuantSpec
+from lowbit.ir.capture import InputSignature, TensorSpec, capture
+from lowbit.ir.params import OperandParams, target_name
+from lowbit.passes.base import PassContext
+from lowbit.passes.convert_to_quantized_ops import ConvertToQuantizedOps
+from lowbit.passes.pipeline import Pipeline
+from lowbit.quantized_model import QuantizedModel
+from lowbit.recipes import Recipe
+
+__all__ = ["FORMAT_VERSION", "SerializationError", "load", "save"]
+
+FORMAT_VERSION = 1
+_META, _TENSORS = "lowbit.json", "params.safetensors"
+
+
+class SerializationError(ValueError):
+    """A saved model cannot be written or read; the message says why and what to do."""
+
+
+def _encode(value: Any, where: str) -> Any:
+    if isinstance(value, TensorSpec):
+        return {"__tensor__": {"shape": list(value.shape), "dtype": value.dtype}}
+    if isinstance(value, dict):
+        return {k: _encode(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise SerializationError(f"cannot save input {where} of type {type(value).__name__}: only tensors and plain constants are saved")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return TensorSpec(tuple(value["__tensor__"]["shape"]), value["__tensor__"]["dtype"])
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def save(qmodel: QuantizedModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``qmodel`` to the folder ``path``."""
+    path = Path(path)
+    if path.exists() and not overwrite:
+        raise SerializationError(f"{path} already exists; pass overwrite=True to replace it")
+    meta = {
+        "format": "lowbit",
+        "version": FORMAT_VERSION,
+        "model_class": type(qmodel.original).__name__,
+        "recipe": qmodel.recipe.to_dict(),
+        "timestep_arg": qmodel.timestep_arg,
+        "signature": _encode(qmodel.signature.inputs, "inputs"),
+        "params": {t: p.spec.to_dict() for t, p in qmodel.params.items()},
+    }
+    tensors = {f"{t}/{k}": v.contiguous() for t, p in qmodel.params.items() for k, v in p.tensors().items()}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        save_file(tensors, tmp / _TENSORS)
+        (tmp / _META).write_text(json.dumps(meta, indent=1))
+        if path.exists():
+            shutil.rmtree(path)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def _read_meta(path: Path) -> dict:
+    if not (path / _META).is_file() or not (path / _TENSORS).is_file():
+        raise SerializationError(f"{path} is not a saved lowbit model (expected {_META} and {_TENSORS} inside)")
+    try:
+        meta = json.loads((path / _META).read_text())
+    except json.JSONDecodeError as err:
+        raise SerializationError(f"{path / _META} is not valid JSON: {err}") from err
+    if meta.get("format") != "lowbit":
+        raise SerializationError(f"{path / _META} is not a lowbit file (format {meta.get('format')!r})")
+    if meta.get("version") != FORMAT_VERSION:
+        raise SerializationError(
+            f"{path} was saved in lowbit format version {meta.get('version')}, but this lowbit reads "
+            f"version {FORMAT_VERSION}; re-quantize the model, or load it with the lowbit release that saved it"
+        )
+    return meta
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
+    """Rebuild a quantized ``model`` (the same architecture, full-precision weights) from ``path``."""
+    path = Path(path)
+    meta = _read_meta(path)
+    if meta["model_class"] != type(model).__name__:
+        raise SerializationError(f"{path} quantizes a {meta['model_class']}, but the model given is a {type(model).__name__}")
+    tensors = load_file(path / _TENSORS)
+    params = {}
+    for target, spec in meta["params"].items():
+        fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == target}
+        params[target] = OperandParams(QuantSpec.from_dict(spec), **fields)
+    recipe = Recipe.from_dict(meta["recipe"])
+    signature = InputSignature(_decode(meta["signature"]), meta["timestep_arg"])
+    gm = capture(model, (), signature.examples(batch=2), timestep_arg=signature.timestep_arg)
+    ctx = PassContext(timestep_arg=signature.timestep_arg, params=params)
+    gm = Pipeline(recipe.structure_passes()).run(gm, ctx)
+    expected = {target_name(n.meta[LAYER_KEY].path, op) for n in gm.graph.nodes if QUANT_KEY in n.meta
+                for op, spec in n.meta[QUANT_KEY].operands().items() if spec.mode != "dynamic"}
+    if expected != set(params):
+        extra, missing = sorted(set(params) - expected)[:3], sorted(expected - set(params))[:3]
+        raise SerializationError(f"{path} does not fit this model: saved-only targets {extra}, unsaved targets {missing}")
+    convert = Pipeline([ConvertToQuantizedOps()])
+    gm = convert.run(gm, ctx)
+    return QuantizedModel(gm, model, recipe, params, signature.timestep_arg, convert.records)
