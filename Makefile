@@ -1,0 +1,22 @@
+# Two commands do everything on a fresh machine: `make run` (the main job) and `make test`.
+# torch==2.13.0 is installed first, alone: on this machine that takes the local CPU build,
+# while any other spec would pull several GB of CUDA packages.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+$(STAMP): pyproject.toml
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+.PHONY: setup run test
+setup: $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/lowbit quantize --out out/quantize --overwrite
+
+test: $(STAMP)
+	$(PY) -m pytest -q
