@@ -19,7 +19,7 @@ from lowbit.evaluation.metrics import alignment, frechet_distance, inception_sco
 from lowbit.models import digits
 from lowbit.models.classifier import DigitClassifier, load_classifier
 
-__all__ = ["Sampler", "EvalResult", "prompt_set", "evaluate", "real_vs_real_fid", "blob_sampler"]
+__all__ = ["Sampler", "EvalResult", "prompt_set", "evaluate", "real_vs_real_fid", "blob_sampler", "main"]
 
 Sampler = Callable[[list[str], list[int]], torch.Tensor]
 
@@ -120,7 +120,38 @@ def blob_sampler(prompts: list[str], seeds: list[int]) -> torch.Tensor:
     yy, xx = torch.meshgrid(grid, grid, indexing="ij")
     out = []
     for s in seeds:
-        cx, cy, sx, sy = torch.rand(4, generator=torch.Generator().manual_seed(int(s))) * torch.tensor([1, 1, 0.5, 0.5]) + torch.tensor([-0.5, -0.5, 0.2, 0.2])
+        u = torch.rand(4, generator=torch.Generator().manual_seed(int(s)))
+        cx, cy = u[0] - 0.5, u[1] - 0.5  # centre within the middle half
+        sx, sy = 0.2 + 0.5 * u[2], 0.2 + 0.5 * u[3]  # width
         blob = torch.exp(-((xx - cx) ** 2 / (2 * sx**2) + (yy - cy) ** 2 / (2 * sy**2)))
         out.append(blob * 2.0 - 1.0)
     return torch.stack(out)[:, None]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m lowbit.evaluation.harness`: the shipped FP reference against the baselines."""
+    import argparse
+
+    from lowbit.models.reference import build_reference_model, load_reference_model, make_sampler
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--n", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=25)
+    args = parser.parse_args(argv)
+    torch.manual_seed(0)  # the untrained baseline's random weights
+    fp = make_sampler(load_reference_model(), steps=args.steps)
+    rows = {
+        "FP reference, seed 0": evaluate(fp, args.n, seed=0).metrics(),
+        "FP reference, seed 1": evaluate(fp, args.n, seed=1).metrics(),
+        "untrained PixArt": evaluate(make_sampler(build_reference_model().eval(), steps=args.steps), args.n).metrics(),
+        "Gaussian blobs": evaluate(blob_sampler, args.n).metrics(),
+    }
+    print(f"real-vs-real FID floor (two halves of the held-out digits): {real_vs_real_fid():.2f}\n")
+    print("| sampler | FID | IS | alignment seen | alignment held-out | n |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+    for name, m in rows.items():
+        print(f"| {name} | {m['fid']:.2f} | {m['inception_score']:.2f} | {m['alignment_seen']:.3f} "
+              f"| {m['alignment_heldout']:.3f} | {m['n_samples']} |")
+
+
+if __name__ == "__main__":
+    main()

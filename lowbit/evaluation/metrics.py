@@ -6,6 +6,8 @@ and CLIP, but with the same formulas, so numbers move the same way under quantiz
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -22,10 +24,12 @@ def frechet_distance(feats_a, feats_b) -> float:
     a, b = _np(feats_a), _np(feats_b)
     mu_a, mu_b = a.mean(0), b.mean(0)
     cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(cov_a @ cov_b, disp=False)
-    if not np.isfinite(covmean).all():  # singular product: regularize as in the reference FID code
-        eps = np.eye(len(cov_a)) * 1e-6
-        covmean = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
+    with warnings.catch_warnings():  # singular products (dead feature dims) are handled below
+        warnings.simplefilter("ignore", scipy.linalg.LinAlgWarning)
+        covmean = scipy.linalg.sqrtm(cov_a @ cov_b)
+        if not np.isfinite(covmean).all():  # regularize as the reference FID code does
+            eps = np.eye(len(cov_a)) * 1e-6
+            covmean = scipy.linalg.sqrtm((cov_a + eps) @ (cov_b + eps))
     covmean = np.real(covmean)  # imaginary parts are numerical noise of sqrtm
     return float(((mu_a - mu_b) ** 2).sum() + np.trace(cov_a) + np.trace(cov_b) - 2.0 * np.trace(covmean))
 

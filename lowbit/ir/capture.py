@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from lowbit.ir.annotations import LAYER_KEY, LayerInfo
 
-__all__ = ["CaptureError", "InputSignature", "SIGNATURE_KEY", "TensorSpec", "capture", "module_path", "normalize_inputs"]
+__all__ = ["CaptureError", "InputSignature", "SIGNATURE_KEY", "TensorSpec", "capture", "module_path", "normalize_inputs", "unique_path"]
 
 SIGNATURE_KEY = "lowbit.signature"
 _WEIGHTED = {
@@ -150,6 +150,16 @@ def _module_tracker(model: torch.nn.Module):
             h.remove()
 
 
+def unique_path(path: str, seen: set[str]) -> str:
+    """``path`` for a module's first call, ``path@1``, ``path@2``... for later calls (shared weights)."""
+    unique, k = path, 0
+    while unique in seen:
+        k += 1
+        unique = f"{path}@{k}"
+    seen.add(unique)
+    return unique
+
+
 def module_path(node: torch.fx.Node) -> str:
     """Innermost module path of a node, from the ``nn_module_stack`` that torch.export records."""
     stack = node.meta.get("nn_module_stack") or {}
@@ -187,9 +197,10 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     finally:
         model.train(was_training)
     gm = exported.module()
+    seen: set[str] = set()
     for node in gm.graph.nodes:
         kind = _WEIGHTED.get(node.target)
         if kind and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
-            node.meta[LAYER_KEY] = LayerInfo(path=node.args[1].target.rsplit(".", 1)[0], kind=kind)
+            node.meta[LAYER_KEY] = LayerInfo(path=unique_path(node.args[1].target.rsplit(".", 1)[0], seen), kind=kind)
     gm.meta[SIGNATURE_KEY] = _signature_of(kw, batch, timestep_arg)
     return gm

@@ -30,7 +30,7 @@ def call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None)
 
 def erase_unused(node: torch.fx.Node) -> None:
     """Erase ``node`` if nothing uses it, then its inputs that become unused in turn."""
-    if node.users or node.op in ("placeholder", "output", "get_attr"):
+    if node.users or node.op in ("placeholder", "output"):
         return
     inputs = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, torch.fx.Node)]
     node.graph.erase_node(node)

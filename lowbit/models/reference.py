@@ -24,6 +24,7 @@ from lowbit.models.digits import IMAGE_SIZE
 __all__ = [
     "CONFIG",
     "SCHEDULE",
+    "SAMPLER",
     "WEIGHTS",
     "DEFAULT_GUIDANCE",
     "build_reference_model",
@@ -51,6 +52,9 @@ CONFIG = dict(
     interpolation_scale=1,
 )
 SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="epsilon")
+# At t = 999 of the cosine schedule alpha is ~1e-5, so the solver's x0 = (x - sigma eps) / alpha
+# amplifies any epsilon error enormously; clipping x0 to the data range [-1, 1] keeps it bounded.
+SAMPLER = dict(thresholding=True, sample_max_value=1.0)
 
 
 def build_reference_model() -> PixArtTransformer2DModel:
@@ -102,7 +106,7 @@ def sample(
     emb = torch.cat([null_emb.expand(b, -1, -1), prompt_embeds])
     mask = torch.cat([null_mask.expand(b, -1), prompt_mask])
 
-    scheduler = DPMSolverMultistepScheduler(**SCHEDULE)
+    scheduler = DPMSolverMultistepScheduler(**SCHEDULE, **SAMPLER)
     scheduler.set_timesteps(steps)
     x = _initial_noise(seeds) * scheduler.init_noise_sigma
     for t in scheduler.timesteps:

@@ -17,6 +17,7 @@ import argparse
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from lowbit.models import digits, text_encoder
@@ -70,10 +71,13 @@ def _spread(a_max: torch.Tensor, a_min: torch.Tensor) -> float:
 
 
 def _cross_attention_probs(attn: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias) -> torch.Tensor:
-    """softmax(QK^T * scale + mask bias), (B, heads, queries, keys), recomputed from to_q / to_k."""
+    """softmax(QK^T * scale + mask bias), (B, heads, queries, keys), recomputed from to_q / to_k.
+
+    F.linear on their weights, not the modules, so the linear-input hooks do not count twice.
+    """
     b, heads = hidden.shape[0], attn.heads
-    q = attn.to_q(hidden).view(b, -1, heads, attn.inner_dim // heads).transpose(1, 2)
-    k = attn.to_k(context).view(b, -1, heads, attn.inner_dim // heads).transpose(1, 2)
+    q = F.linear(hidden, attn.to_q.weight, attn.to_q.bias).view(b, -1, heads, attn.inner_dim // heads).transpose(1, 2)
+    k = F.linear(context, attn.to_k.weight, attn.to_k.bias).view(b, -1, heads, attn.inner_dim // heads).transpose(1, 2)
     scores = q @ k.transpose(-1, -2) * attn.scale
     if bias is not None:
         scores = scores + bias.view(b, 1, -1, scores.shape[-1])

@@ -19,7 +19,7 @@ import torch.fx
 
 from lowbit.ir.annotations import ATTENTION_KEY, LAYER_KEY, AttentionInfo, LayerInfo
 from lowbit.ir.attention import emit_canonical_attention
-from lowbit.ir.capture import module_path
+from lowbit.ir.capture import module_path, unique_path
 from lowbit.ir.graph_edit import erase_unused
 from lowbit.passes.base import Pass, PassContext, PassResult
 
@@ -95,6 +95,7 @@ class CanonicalizeAttention(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
         count = 0
+        paths = {n.meta[LAYER_KEY].path for n in graph.nodes if LAYER_KEY in n.meta}
         for node in list(graph.nodes):
             if node.target == _SDPA:
                 args = list(node.args) + [None] * (7 - len(node.args))
@@ -111,7 +112,7 @@ class CanonicalizeAttention(Pass):
                     continue
                 q, k, v, mask, scale, replaced = found
             kind, sources, lengths = _describe_keys(q, k)
-            path = module_path(replaced)
+            path = unique_path(module_path(replaced), paths)
             with graph.inserting_before(replaced):
                 probs, out = emit_canonical_attention(graph, q, k, v, mask, scale)
             shape = q.meta["val"].shape

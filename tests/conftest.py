@@ -1,0 +1,28 @@
+"""Shared fixtures: calibration sets for the tiny diffusers models."""
+
+import pytest
+import torch
+
+from lowbit.models.tiny import TINY_MODELS
+
+CALIBRATION_TIMESTEPS = (900.0, 500.0, 100.0)
+
+
+def timestep_value(name: str, t: float) -> float:
+    """FLUX takes timesteps in [0, 1] (flow matching); the others in [0, 1000)."""
+    return t / 1000 if name == "flux" else t
+
+
+def calibration_set(name: str, batch: int = 2, seed: int = 0) -> list:
+    g = torch.Generator().manual_seed(seed)
+    samples = []
+    for t in CALIBRATION_TIMESTEPS:
+        kw = TINY_MODELS[name].inputs(batch, g)
+        kw["timestep"] = torch.full((batch,), timestep_value(name, t))
+        samples.append(((), kw))
+    return samples
+
+
+@pytest.fixture
+def calib():
+    return calibration_set
