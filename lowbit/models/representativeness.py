@@ -6,7 +6,8 @@ This measures, on the trained reference model over 64 prompts x 25 sampling step
   per-channel and per-token ranges, D = (max a_max - min a_max) + (max a_min - min a_min)
   (DGQ eq. 4-5: the larger one says whether outliers are channel-wise or pixel/token-wise);
 - for every cross-attention layer: the mean softmax(QK^T / sqrt(d)) probability on the start
-  ([CLS]) token column, next to the uniform value 1 / (number of unmasked text tokens).
+  ([CLS]) token column for the text prompts (CFG's conditional half), next to the value a uniform
+  attention would give, 1 / (number of unmasked text tokens).
 
 `python -m lowbit.models.representativeness` prints both as markdown tables.
 """
@@ -102,12 +103,12 @@ def measure(n_prompts: int = 64, steps: int = 25, seed: int = 0) -> tuple[dict[s
             attn_stats[name] = []
 
             def attn_hook(m, args, kwargs, name=name):
-                hidden = kwargs.get("hidden_states", args[0] if args else None)
-                context, bias = kwargs["encoder_hidden_states"], kwargs.get("attention_mask")
-                probs = _cross_attention_probs(m, hidden, context, bias)
-                valid = (bias.view(bias.shape[0], -1) > -1.0).sum(-1).float() if bias is not None else None
-                uniform = (1.0 / valid).mean().item() if valid is not None else 1.0 / context.shape[1]
-                attn_stats[name].append((probs[..., 0].mean().item(), uniform))
+                hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+                context, bias = kwargs["encoder_hidden_states"], kwargs["attention_mask"]
+                cond = slice(hidden.shape[0] // 2, None)  # the sampler batches [uncond; cond]
+                probs = _cross_attention_probs(m, hidden[cond], context[cond], bias[cond])
+                n_valid = (bias[cond].flatten(1) > -1.0).sum(-1).float()
+                attn_stats[name].append((probs[..., 0].mean().item(), (1.0 / n_valid).mean().item()))
 
             hooks.append(mod.register_forward_pre_hook(attn_hook, with_kwargs=True))
 

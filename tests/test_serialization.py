@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+
+import lowbit
+from lowbit.models.tiny import build
+from lowbit.serialization import SerializationError
+
+
+@pytest.fixture
+def quantized(calib):
+    model = build("pixart")
+    samples = calib("pixart")
+    return model, lowbit.quantize(model, "minmax-w4a8", samples, progress=False), samples
+
+
+def test_round_trip_is_exact(quantized, tmp_path):
+    model, qmodel, samples = quantized
+    lowbit.save(qmodel, tmp_path / "q")
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["lowbit.json", "params.safetensors"]
+    loaded = lowbit.load(tmp_path / "q", model)
+    for args, kwargs in samples:
+        assert torch.equal(loaded(*args, **kwargs)[0], qmodel(*args, **kwargs)[0])
+    assert loaded.recipe == qmodel.recipe
+    # no pickle anywhere: the safetensors header is JSON, the rest raw tensor bytes
+    assert (tmp_path / "q" / "params.safetensors").read_bytes()[8:9] == b"{"
+
+
+def test_other_version_is_refused(quantized, tmp_path):
+    model, qmodel, _ = quantized
+    lowbit.save(qmodel, tmp_path / "q")
+    meta = json.loads((tmp_path / "q" / "lowbit.json").read_text())
+    meta["version"] = 99
+    (tmp_path / "q" / "lowbit.json").write_text(json.dumps(meta))
+    with pytest.raises(SerializationError, match="saved in lowbit format version 99, but this lowbit reads version 1"):
+        lowbit.load(tmp_path / "q", model)
+
+
+def test_wrong_model_is_refused(quantized, tmp_path):
+    _, qmodel, _ = quantized
+    lowbit.save(qmodel, tmp_path / "q")
+    with pytest.raises(SerializationError, match="quantizes a PixArtTransformer2DModel, but the model given is a SanaTransformer2DModel"):
+        lowbit.load(tmp_path / "q", build("sana"))
+    with pytest.raises(SerializationError, match="is not a saved lowbit model"):
+        lowbit.load(tmp_path, build("pixart"))
+
+
+def test_failed_save_leaves_nothing_behind(quantized, tmp_path, monkeypatch):
+    _, qmodel, _ = quantized
+
+    def broken(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("lowbit.serialization.save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        lowbit.save(qmodel, tmp_path / "q")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_output_needs_overwrite(quantized, tmp_path):
+    _, qmodel, _ = quantized
+    lowbit.save(qmodel, tmp_path / "q")
+    with pytest.raises(SerializationError, match="already exists; pass overwrite=True"):
+        lowbit.save(qmodel, tmp_path / "q")
+    lowbit.save(qmodel, tmp_path / "q", overwrite=True)
