@@ -8,12 +8,12 @@ them without replacing the pipeline's module. Call the pipeline with ``prompt_em
 
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["record_denoiser_inputs"]
+__all__ = ["record_denoiser_inputs", "record_inputs"]
 
 
 def _detached(value):
@@ -34,27 +34,36 @@ def _denoiser(pipe) -> torch.nn.Module:
     raise ValueError(f"{type(pipe).__name__} has neither a 'transformer' nor a 'unet' module to record")
 
 
+def record_inputs(module: torch.nn.Module, run: Callable[[], object], *, total: int | None = None,
+                  progress: bool = True) -> list[tuple[tuple, dict]]:
+    """Every ``(args, kwargs)`` that ``module`` is called with while ``run()`` executes."""
+    recorded: list[tuple[tuple, dict]] = []
+    bar = tqdm(total=total, desc="recording calibration inputs", disable=not progress, leave=False)
+
+    def hook(_, args, kwargs):
+        recorded.append((_detached(args), _detached(kwargs)))
+        bar.update(1)
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        handle.remove()
+        bar.close()
+    return recorded
+
+
 def record_denoiser_inputs(pipe, calls: Iterable[dict], *, progress: bool = True) -> list[tuple[tuple, dict]]:
     """Run ``pipe(**call)`` for each call and return every denoiser input as ``(args, kwargs)``.
 
     Each ``call`` is a dict of pipeline arguments, e.g. ``{"prompt_embeds": e, "num_inference_steps": 25}``.
     """
     calls = list(calls)
-    denoiser = _denoiser(pipe)
-    recorded: list[tuple[tuple, dict]] = []
+
+    def run() -> None:
+        for call in calls:
+            pipe(**call)
+
     total = sum(int(c.get("num_inference_steps", 50)) for c in calls)
-    bar = tqdm(total=total, desc="recording calibration inputs", disable=not progress, leave=False)
-
-    def hook(module, args, kwargs):
-        recorded.append((_detached(args), _detached(kwargs)))
-        bar.update(1)
-
-    handle = denoiser.register_forward_pre_hook(hook, with_kwargs=True)
-    try:
-        with torch.no_grad():
-            for call in calls:
-                pipe(**call)
-    finally:
-        handle.remove()
-        bar.close()
-    return recorded
+    return record_inputs(_denoiser(pipe), run, total=total, progress=progress)

@@ -10,19 +10,18 @@ full-precision against quantized samples. All outputs appear together or not at 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
 
 from lowbit.calibration import record_denoiser_inputs
+from lowbit.evaluation.grid import save_grid
 from lowbit.quantize import quantize
 from lowbit.recipes import Recipe, RecipeError, get_recipe, recipes
 from lowbit.report import format_table, layer_report, write_csv, write_json
 from lowbit.serialization import save
+from lowbit.staging import OutputExistsError, staged_folder
 
 __all__ = ["main"]
 
@@ -36,35 +35,13 @@ def _recipe(value: str) -> Recipe:
     return get_recipe(value)
 
 
-def _save_grid(rows: list[torch.Tensor], labels: list[str], path: Path) -> None:
-    """One row of images per label, same seeds per column."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    cols = rows[0].shape[0]
-    fig, axes = plt.subplots(len(rows), cols, figsize=(1.6 * cols + 1.2, 1.7 * len(rows)), squeeze=False)
-    for r, (images, label) in enumerate(zip(rows, labels)):
-        for c in range(cols):
-            ax = axes[r][c]
-            ax.imshow(images[c].permute(1, 2, 0).clamp(0, 1).numpy())
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if c == 0:
-                ax.set_ylabel(label, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.pipelines import pipeline_calls, tiny_pipeline
 
     recipe = _recipe(args.recipe)
     out = Path(args.out)
     if out.exists() and not args.overwrite:
-        raise SystemExit(f"lowbit: {out} already exists; pass --overwrite to replace it")
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
     pipe = tiny_pipeline(args.model)
     denoiser_attr = "transformer" if args.model == "pixart" else "unet"
     denoiser = getattr(pipe, denoiser_attr)
@@ -83,20 +60,27 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     rel = float((q_images - fp_images).norm() / fp_images.norm())
     print(f"lowbit: {args.samples} pipeline samples, relative L2 difference quantized vs full precision: {rel:.4f}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with staged_folder(out, overwrite=args.overwrite) as tmp:
         save(qmodel, tmp / "model")
         write_csv(rows, tmp / "report.csv")
         write_json(rows, tmp / "report.json")
-        _save_grid([fp_images, q_images], ["full precision", recipe.name], tmp / "samples.png")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        save_grid({"full precision": fp_images * 2 - 1, recipe.name: q_images * 2 - 1}, tmp / "samples.png")
     print(f"lowbit: wrote {out}/model, {out}/report.csv, {out}/report.json, {out}/samples.png")
+    return 0
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from lowbit.evaluate import markdown, run_eval, write_results
+
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    rows, grid = run_eval([_recipe(r) for r in args.recipe], args.samples, seed=args.seed,
+                          steps=args.steps, calibration_prompts=args.calibration_prompts)
+    print(markdown(rows))
+    with staged_folder(out, overwrite=args.overwrite) as tmp:
+        write_results(rows, grid, tmp)
+    print(f"lowbit: wrote {out}/eval.csv, {out}/eval.md, {out}/samples.png")
     return 0
 
 
@@ -121,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--out", default="out/quantize", help="output folder")
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.set_defaults(func=_cmd_quantize)
+    e = sub.add_parser("eval", help="full precision and recipes side by side on the shipped reference model")
+    e.add_argument("--model", default="reference", choices=("reference",), help="the model to evaluate")
+    e.add_argument("--recipe", action="append", default=[], help="a recipe name or .toml file; repeat for several")
+    e.add_argument("--samples", type=int, default=1000, help="images per prompt set (seen and held-out phrasings)")
+    e.add_argument("--seed", type=int, default=0, help="prompt and noise seed")
+    e.add_argument("--steps", type=int, default=25, help="sampling steps (DGQ uses 25)")
+    e.add_argument("--calibration-prompts", type=int, default=64, help="calibration prompts (DGQ uses 64)")
+    e.add_argument("--out", default="out/eval", help="output folder")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    e.set_defaults(func=_cmd_eval)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(func=_cmd_recipes)
     return parser
@@ -130,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, ValueError) as err:
+    except (RecipeError, ValueError, OutputExistsError) as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
 

@@ -4,16 +4,14 @@ A saved model is a folder with ``lowbit.json`` (format version, recipe, captured
 signature, the spec of every quantized operand) and ``params.safetensors`` (scales, zero
 points, timestep tables, integer weights). Loading re-captures the user's model on inputs of the
 saved signature, replays the recipe's structure passes and converts with the saved parameters,
-so no code or graph is ever deserialized. Both files are written to a temporary folder that
-replaces the target only when complete: a failed save leaves nothing half-written behind.
+so no code or graph is ever deserialized. Both files are staged (``lowbit.staging``): a failed
+save leaves nothing half-written behind.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +26,7 @@ from lowbit.passes.convert_to_quantized_ops import ConvertToQuantizedOps
 from lowbit.passes.pipeline import Pipeline
 from lowbit.quantized_model import QuantizedModel
 from lowbit.recipes import Recipe
+from lowbit.staging import staged_folder
 
 __all__ = ["FORMAT_VERSION", "SerializationError", "load", "save"]
 
@@ -63,9 +62,6 @@ def _decode(value: Any) -> Any:
 
 def save(qmodel: QuantizedModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write ``qmodel`` to the folder ``path``."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise SerializationError(f"{path} already exists; pass overwrite=True to replace it")
     meta = {
         "format": "lowbit",
         "version": FORMAT_VERSION,
@@ -76,18 +72,10 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike, *, overwrite: bool = F
         "params": {t: p.spec.to_dict() for t, p in qmodel.params.items()},
     }
     tensors = {f"{t}/{k}": v.contiguous() for t, p in qmodel.params.items() for k, v in p.tensors().items()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-    try:
+    with staged_folder(path, overwrite=overwrite) as tmp:
         save_file(tensors, tmp / _TENSORS)
         (tmp / _META).write_text(json.dumps(meta, indent=1))
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return path
+    return Path(path)
 
 
 def _read_meta(path: Path) -> dict:

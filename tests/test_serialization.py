@@ -6,6 +6,7 @@ import torch
 import lowbit
 from lowbit.models.tiny import build
 from lowbit.serialization import SerializationError
+from lowbit.staging import OutputExistsError
 
 
 @pytest.fixture
@@ -61,6 +62,6 @@ def test_failed_save_leaves_nothing_behind(quantized, tmp_path, monkeypatch):
 def test_existing_output_needs_overwrite(quantized, tmp_path):
     _, qmodel, _ = quantized
     lowbit.save(qmodel, tmp_path / "q")
-    with pytest.raises(SerializationError, match="already exists; pass overwrite=True"):
+    with pytest.raises(OutputExistsError, match="already exists; pass overwrite=True"):
         lowbit.save(qmodel, tmp_path / "q")
     lowbit.save(qmodel, tmp_path / "q", overwrite=True)

@@ -17,7 +17,7 @@ __all__ = ["save_grid"]
 
 
 def save_grid(rows: dict[str, torch.Tensor], path: str | Path, column_titles: list[str] | None = None) -> Path:
-    """rows: label -> (N, 1, H, W) images in [-1, 1], all with the same N; writes a PNG to `path`."""
+    """rows: label -> (N, C, H, W) images in [-1, 1], C = 1 (gray) or 3 (RGB), all with the same N."""
     labels = list(rows)
     n = {len(v) for v in rows.values()}
     if len(n) != 1:
@@ -27,7 +27,11 @@ def save_grid(rows: dict[str, torch.Tensor], path: str | Path, column_titles: li
     for r, label in enumerate(labels):
         for c in range(n_cols):
             ax = axes[r][c]
-            ax.imshow(rows[label][c, 0].detach().cpu().numpy(), cmap="gray", vmin=-1.0, vmax=1.0)
+            image = rows[label][c].detach().cpu()
+            if image.shape[0] == 3:
+                ax.imshow(((image.permute(1, 2, 0) + 1) / 2).clamp(0, 1).numpy())
+            else:
+                ax.imshow(image[0].numpy(), cmap="gray", vmin=-1.0, vmax=1.0)
             ax.set_xticks([])
             ax.set_yticks([])
             if c == 0:

@@ -1,0 +1,101 @@
+"""Compute and storage cost: FLOPs, BOPs and model size, as DGQ's Table 2 reports them.
+
+BOPs are FLOPs · b_w · b_a (DGQ §4.1): a full-precision layer counts 32 · 32, a W8A8 layer 8 · 8,
+an attention matmul the bits of its two operands. They are counted by running the graph once on
+given inputs (an fx Interpreter reads the real shapes), per denoiser call. Model size counts
+integer weights at their bit-width, every other tensor at its storage size — the quantization
+parameters (scales, zero points, per-timestep tables) included.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.fx
+
+from lowbit.ir.annotations import QUANT_KEY
+from lowbit.ir.capture import capture, normalize_inputs
+from lowbit.quantized_model import QuantizedModel
+
+__all__ = ["Cost", "cost"]
+
+aten, lowbit = torch.ops.aten, torch.ops.lowbit
+FP_BITS = 32.0
+
+
+@dataclass(frozen=True)
+class Cost:
+    flops: float  # per denoiser call on the given inputs
+    bops: float
+    size_bytes: float
+
+
+def _bits(spec) -> float:
+    return FP_BITS if spec is None else float(spec.bits)
+
+
+class _Counter(torch.fx.Interpreter):
+    def __init__(self, gm: torch.fx.GraphModule):
+        super().__init__(gm)
+        self.flops = self.bops = 0.0
+
+    def _add(self, flops: float, w_bits: float, a_bits: float) -> None:
+        self.flops += flops
+        self.bops += flops * w_bits * a_bits
+
+    def run_node(self, n: torch.fx.Node):
+        out = super().run_node(n)
+        if n.op != "call_function":
+            return out
+        annotation = n.meta.get(QUANT_KEY)
+        arg = lambda i: self.env[n.args[i]] if isinstance(n.args[i], torch.fx.Node) else n.args[i]  # noqa: E731
+        if n.target in (aten.linear.default, lowbit.quantized_linear.default):
+            flops = 2.0 * out.numel() * arg(1).shape[1]
+        elif n.target in (aten.conv2d.default, lowbit.quantized_conv2d.default):
+            w = arg(1)
+            flops = 2.0 * out.numel() * w[0].numel()
+        elif n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default):
+            a = arg(1 if n.target == aten.baddbmm.default else 0)
+            self._add(2.0 * out.numel() * a.shape[-1], FP_BITS, FP_BITS)
+            return out
+        elif n.target in (aten.scaled_dot_product_attention.default, lowbit.quantized_attention.default):
+            q, k, v = arg(0), arg(1), arg(2)
+            scores = 2.0 * q.numel() * k.shape[-2]
+            mix = 2.0 * out.numel() * v.shape[-2]
+            if annotation is None:
+                self._add(scores + mix, FP_BITS, FP_BITS)
+            else:
+                self._add(scores, _bits(annotation.query), _bits(annotation.key))
+                self._add(mix, _bits(annotation.probs), _bits(annotation.value))
+            return out
+        else:
+            return out
+        if annotation is None:
+            self._add(flops, FP_BITS, FP_BITS)
+        else:
+            self._add(flops, _bits(annotation.weight), _bits(annotation.input))
+        return out
+
+
+def _size(model: torch.nn.Module) -> float:
+    if not isinstance(model, QuantizedModel):
+        return float(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
+    integer = {id(p.qvalues): p.spec.bits for p in model.params.values() if p.qvalues is not None}
+    size = 0.0
+    for name, t in [*model.graph_module.named_parameters(), *model.graph_module.named_buffers()]:
+        size += t.numel() * integer[id(t)] / 8 if id(t) in integer else t.numel() * t.element_size()
+    return size
+
+
+@torch.no_grad()
+def cost(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, timestep_arg: str | None = "timestep") -> Cost:
+    """FLOPs and BOPs of one call of ``model`` (full precision or quantized) and its size in bytes."""
+    if isinstance(model, QuantizedModel):
+        gm, reference = model.graph_module, model.original
+    else:
+        gm, reference = capture(model, args, kwargs, timestep_arg=timestep_arg), model
+    inputs = normalize_inputs(reference, args, kwargs, timestep_arg)
+    counter = _Counter(gm)
+    counter.run(*gm.graph._codegen.process_inputs((), inputs))
+    return Cost(counter.flops, counter.bops, _size(model))

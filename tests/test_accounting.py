@@ -1,0 +1,32 @@
+import torch
+from torch import nn
+
+import lowbit
+from lowbit.accounting import FP_BITS, cost
+
+
+class _TwoLinears(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(8, 16), nn.Linear(16, 4)
+
+    def forward(self, x, timestep):
+        return self.b(torch.relu(self.a(x)))
+
+
+def test_bops_are_flops_times_bits_and_size_counts_bits():
+    torch.manual_seed(0)
+    model = _TwoLinears().eval()
+    calib = [((), {"x": torch.randn(2, 3, 8), "timestep": torch.full((2,), t)}) for t in (900.0, 100.0)]
+    fp = cost(model, *calib[0])
+    flops = 2 * 2 * 3 * (8 * 16 + 16 * 4)  # 2 · tokens · (in · out) per linear
+    assert fp.flops == flops and fp.bops == flops * FP_BITS**2
+    assert fp.size_bytes == 4 * (8 * 16 + 16 + 16 * 4 + 4)
+
+    recipe = lowbit.Recipe("all", weight_bits=4, activation_bits=8, keep_io_layers=False)
+    q = cost(lowbit.quantize(model, recipe, calib, progress=False), *calib[0])
+    assert q.flops == flops and q.bops == flops * 4 * 8
+    # int4 weights at half a byte; biases, weight scales (4 B per output channel) and the per-timestep
+    # activation tables (scale, zero point, timestep: 3 floats x 2 timesteps per layer) in float32
+    expected = (8 * 16 + 16 * 4) / 2 + 4 * (16 + 4) + 4 * (16 + 4) + 2 * 3 * 2 * 4
+    assert q.size_bytes == expected

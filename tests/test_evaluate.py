@@ -1,0 +1,28 @@
+"""lowbit eval on the shipped reference model, at a size that runs in seconds."""
+
+import math
+
+from lowbit.cli import main
+from lowbit.evaluate import run_eval
+
+
+def test_eval_rows_are_deterministic_and_complete():
+    kwargs = dict(samples=10, steps=4, calibration_prompts=4, progress=False)
+    rows, grid = run_eval(["minmax-w8a8"], **kwargs)
+    again, _ = run_eval(["minmax-w8a8"], **kwargs)
+    strip = lambda rs: [r.__dict__ | {"seconds": 0} for r in rs]  # noqa: E731
+    assert strip(rows) == strip(again)  # same seed, same numbers
+    fp, w8 = rows
+    assert (fp.model, w8.model) == ("full precision", "minmax-w8a8")
+    assert fp.psnr_vs_fp is None and w8.psnr_vs_fp > 20  # W8A8 stays close to the FP samples
+    assert w8.gbops < fp.gbops / 8 and w8.size_kb < fp.size_kb / 3
+    assert all(math.isfinite(v) for v in (w8.fid, w8.inception_score, w8.alignment_seen))
+    assert list(grid) == ["full precision", "minmax-w8a8"] and grid["minmax-w8a8"].shape[0] == 10
+
+
+def test_eval_command_writes_table_and_grid(tmp_path, capsys):
+    out = tmp_path / "ev"
+    assert main(["eval", "--recipe", "minmax-w4a6", "--samples", "10", "--steps", "3",
+                 "--calibration-prompts", "2", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["eval.csv", "eval.md", "samples.png"]
+    assert "| minmax-w4a6 | 4/6 |" in capsys.readouterr().out
