@@ -15,9 +15,11 @@ __all__ = [
     "ATTENTION_KEY",
     "CREATED_BY_KEY",
     "LAYER_KEY",
+    "OUTLIER_KEY",
     "QUANT_KEY",
     "AttentionInfo",
     "LayerInfo",
+    "OutlierDim",
     "QuantAnnotation",
     "QuantSpec",
 ]
@@ -26,6 +28,7 @@ LAYER_KEY = "lowbit.layer"
 QUANT_KEY = "lowbit.quant"
 ATTENTION_KEY = "lowbit.attention"
 CREATED_BY_KEY = "lowbit.created_by"
+OUTLIER_KEY = "lowbit.outlier_dim"  # dict: operand name -> OutlierDim
 
 Scheme = Literal["uniform", "log2"]
 Granularity = Literal["tensor", "channel", "token", "group"]
@@ -169,3 +172,23 @@ class AttentionInfo:
             raise ValueError("key_sources and key_lengths must be non-empty and of equal length")
         if self.scale <= 0 or self.heads <= 0:
             raise ValueError(f"scale and heads must be positive; got {self.scale}, {self.heads}")
+
+
+@dataclass(frozen=True)
+class OutlierDim:
+    """DGQ eq. 4-5 for one activation: the range spread along channels and along tokens/pixels.
+
+    D_d = (max_i a_max - min_i a_max) + (max_i a_min - min_i a_min) over the vectors i along d;
+    the dimension with the larger spread is where the outliers sit, and where grouping pays.
+    """
+
+    channel_spread: float
+    token_spread: float
+
+    def __post_init__(self) -> None:
+        if not (self.channel_spread >= 0 and self.token_spread >= 0):
+            raise ValueError(f"spreads are non-negative; got {self.channel_spread}, {self.token_spread}")
+
+    @property
+    def chosen(self) -> Literal["channel", "token"]:
+        return "channel" if self.channel_spread >= self.token_spread else "token"

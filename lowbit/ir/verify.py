@@ -10,7 +10,9 @@ from __future__ import annotations
 import torch.fx
 
 from lowbit.ir.graph_edit import fetch_attr
-from lowbit.ir.annotations import ATTENTION_KEY, CREATED_BY_KEY, LAYER_KEY, QUANT_KEY, AttentionInfo, LayerInfo, QuantAnnotation
+from lowbit.ir.annotations import (
+    ATTENTION_KEY, CREATED_BY_KEY, LAYER_KEY, OUTLIER_KEY, QUANT_KEY, AttentionInfo, LayerInfo, OutlierDim, QuantAnnotation,
+)
 
 __all__ = ["IRError", "verify"]
 
@@ -44,6 +46,9 @@ def verify(gm: torch.fx.GraphModule, stage: str) -> None:
         for key, cls in ((LAYER_KEY, LayerInfo), (QUANT_KEY, QuantAnnotation), (ATTENTION_KEY, AttentionInfo)):
             if key in node.meta and not isinstance(node.meta[key], cls):
                 _fail(stage, node, f"meta['{key}'] must be a {cls.__name__}, found {type(node.meta[key]).__name__}")
+        outliers = node.meta.get(OUTLIER_KEY, {})
+        if not isinstance(outliers, dict) or not all(isinstance(v, OutlierDim) for v in outliers.values()):
+            _fail(stage, node, f"meta['{OUTLIER_KEY}'] must map operand names to OutlierDim")
         if QUANT_KEY in node.meta and LAYER_KEY not in node.meta:
             _fail(stage, node, "a quantization annotation without a layer annotation")
         if _is_lowbit_op(node):

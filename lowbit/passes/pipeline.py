@@ -22,7 +22,7 @@ __all__ = ["HISTORY_KEY", "PassRecord", "Pipeline"]
 
 HISTORY_KEY = "lowbit.history"
 
-_META_KEYS = ("lowbit.layer", "lowbit.quant", "lowbit.attention")
+_META_KEYS = ("lowbit.layer", "lowbit.quant", "lowbit.attention", "lowbit.outlier_dim")
 
 
 @dataclass(frozen=True)
