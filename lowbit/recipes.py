@@ -19,12 +19,17 @@ from lowbit.passes.base import Pass
 from lowbit.passes.canonicalize_attention import CanonicalizeAttention
 from lowbit.passes.choose_quant_params import ChooseQuantParams
 from lowbit.passes.convert_to_quantized_ops import ConvertToQuantizedOps
+from lowbit.passes.detect_outlier_dim import DetectOutlierDim
+from lowbit.passes.group_activations import GroupActivations
 from lowbit.passes.insert_observers import InsertObservers
+from lowbit.passes.split_start_token import SplitStartToken
 
-__all__ = ["RECIPE_VERSION", "Recipe", "RecipeError", "get_recipe", "recipes"]
+__all__ = ["DGQ_DEFAULT_GROUPS", "RECIPE_VERSION", "Recipe", "RecipeError", "dgq", "get_recipe", "recipes"]
 
 RECIPE_VERSION = 1
 _BASELINE_BITS = (4, 6, 8, 16)
+_DGQ_WEIGHT_BITS, _DGQ_ACTIVATION_BITS, _DGQ_GROUPS = (4, 8), (6, 8), (1, 2, 4, 8, 16)
+DGQ_DEFAULT_GROUPS = 8
 
 
 class RecipeError(ValueError):
@@ -38,6 +43,12 @@ class Recipe:
     ``activation_mode`` "per_timestep" keeps one activation range per calibrated diffusion
     timestep (TFMQ-DM, DGQ eq. 7); ``attention_bits`` None quantizes attention probabilities at
     the activation bit-width (DGQ's setting; Q-Diffusion keeps them at 16 for SD).
+
+    DGQ's parts, each switchable for ablation: ``groups`` K > 0 clusters activation ranges into K
+    groups (eq. 6-7; None keeps one range per tensor) along the outlier dimension when
+    ``select_dim`` (eq. 4-5) or along channels otherwise; ``attention_scheme`` "log2" (eq. 2),
+    ``start_token`` (keep the start-token column of cross-attention in full precision, eq. 9) and
+    ``dynamic_attention_scale`` (s = max of the probabilities at run time, eq. 8).
     """
 
     name: str
@@ -49,6 +60,11 @@ class Recipe:
     attention_bits: float | None = None
     keep_fp: tuple[str, ...] = ()
     keep_io_layers: bool = True
+    groups: int | None = None
+    select_dim: bool = True
+    attention_scheme: Literal["uniform", "log2"] = "uniform"
+    start_token: bool = False
+    dynamic_attention_scale: bool = False
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -62,13 +78,18 @@ class Recipe:
             raise RecipeError(f"recipe {self.name!r}: weight_range must be 'minmax' or 'mse', not {self.weight_range!r}")
         if self.activation_mode not in ("static", "per_timestep"):
             raise RecipeError(f"recipe {self.name!r}: activation_mode must be 'static' or 'per_timestep', not {self.activation_mode!r}")
+        if self.groups is not None and (not isinstance(self.groups, int) or self.groups < 1):
+            raise RecipeError(f"recipe {self.name!r}: groups must be a positive integer or absent, not {self.groups!r}")
+        if self.attention_scheme not in ("uniform", "log2"):
+            raise RecipeError(f"recipe {self.name!r}: attention_scheme must be 'uniform' or 'log2', not {self.attention_scheme!r}")
         object.__setattr__(self, "keep_fp", tuple(self.keep_fp))
 
     # -- the passes this recipe runs -------------------------------------------------------
 
     def structure_passes(self) -> list[Pass]:
         """The rewriting passes that do not depend on calibration (replayed by ``lowbit.load``)."""
-        return [CanonicalizeAttention(), self._annotate()]
+        passes = [CanonicalizeAttention(), self._annotate()]
+        return passes + [SplitStartToken()] if self.start_token else passes
 
     def prepare_passes(self) -> list[Pass]:
         """Passes before calibration: rewrite, annotate, observe."""
@@ -76,12 +97,17 @@ class Recipe:
 
     def convert_passes(self) -> list[Pass]:
         """Passes after calibration: choose parameters, emit quantized ops."""
-        return [ChooseQuantParams(self.weight_range), ConvertToQuantizedOps()]
+        passes: list[Pass] = [ChooseQuantParams(self.weight_range)]
+        if self.groups is not None:
+            passes += [DetectOutlierDim()] if self.select_dim else []
+            passes += [GroupActivations(self.groups, self.select_dim)]
+        return passes + [ConvertToQuantizedOps()]
 
     def _annotate(self) -> AnnotateQuantization:
         weight = QuantSpec(self.weight_bits, granularity="channel", axis=0, symmetric=True)
         activation = QuantSpec(self.activation_bits, mode=self.activation_mode)
-        probs = QuantSpec(self.attention_bits or self.activation_bits, mode=self.activation_mode)
+        probs = QuantSpec(self.attention_bits or self.activation_bits, scheme=self.attention_scheme,
+                          mode="dynamic" if self.dynamic_attention_scale else self.activation_mode)
         return AnnotateQuantization(weight, activation, probs, self.keep_fp, self.keep_io_layers, self.quantize_attention)
 
     # -- serialization ---------------------------------------------------------------------
@@ -113,12 +139,24 @@ class Recipe:
         return cls.from_dict(data)
 
 
+def dgq(weight_bits: float, activation_bits: float, groups: int = DGQ_DEFAULT_GROUPS, name: str | None = None) -> Recipe:
+    """DGQ with every part on. Weights stay min-max per channel, so that "dgq" against "minmax"
+    isolates DGQ's activation and attention quantizers."""
+    return Recipe(name or f"dgq-w{weight_bits:g}a{activation_bits:g}-g{groups}", weight_bits, activation_bits,
+                  groups=groups, attention_scheme="log2", start_token=True, dynamic_attention_scale=True)
+
+
 def _builtin() -> dict[str, Recipe]:
     out = {}
     for w in _BASELINE_BITS:
         for a in _BASELINE_BITS:
             out[f"minmax-w{w}a{a}"] = Recipe(f"minmax-w{w}a{a}", w, a)
             out[f"mse-w{w}a{a}"] = Recipe(f"mse-w{w}a{a}", w, a, weight_range="mse")
+    for w in _DGQ_WEIGHT_BITS:
+        for a in _DGQ_ACTIVATION_BITS:
+            out[f"dgq-w{w}a{a}"] = dgq(w, a, name=f"dgq-w{w}a{a}")
+            for k in _DGQ_GROUPS:
+                out[f"dgq-w{w}a{a}-g{k}"] = dgq(w, a, k)
     return out
 
 

@@ -10,6 +10,7 @@ save leaves nothing half-written behind.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -111,8 +112,16 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
     gm = capture(model, (), signature.examples(batch=2), timestep_arg=signature.timestep_arg)
     ctx = PassContext(timestep_arg=signature.timestep_arg, params=params)
     gm = Pipeline(recipe.structure_passes()).run(gm, ctx)
-    expected = {target_name(n.meta[LAYER_KEY].path, op) for n in gm.graph.nodes if QUANT_KEY in n.meta
-                for op, spec in n.meta[QUANT_KEY].operands().items() if spec.mode != "dynamic"}
+    expected = set()
+    for node in gm.graph.nodes:
+        if QUANT_KEY in node.meta:
+            annotation = node.meta[QUANT_KEY]
+            path_ = node.meta[LAYER_KEY].path
+            targets = {op: target_name(path_, op) for op, spec in annotation.operands().items() if spec.mode != "dynamic"}
+            expected |= set(targets.values())
+            # calibration-time passes (grouping) refined some specs: the saved ones are authoritative
+            saved = {op: params[t].spec for op, t in targets.items() if t in params}
+            node.meta[QUANT_KEY] = dataclasses.replace(annotation, **saved)
     if expected != set(params):
         extra, missing = sorted(set(params) - expected)[:3], sorted(expected - set(params))[:3]
         raise SerializationError(f"{path} does not fit this model: saved-only targets {extra}, unsaved targets {missing}")

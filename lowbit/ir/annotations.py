@@ -50,7 +50,8 @@ class QuantSpec:
 
     ``bits`` is a float so that fractional bit-widths (FraQAT) fit: a b-bit quantizer has
     floor(2**b) levels, e.g. 5.5 bits gives 45 levels, symmetric range [-22, 21].
-    ``groups`` maps each index along ``axis`` to its group (granularity "group" only).
+    ``groups`` (granularity "group" only) gives the group of every vector along ``axis``, one row
+    per calibrated timestep — DGQ re-clusters at every timestep — or a single row when static.
     """
 
     bits: float
@@ -59,7 +60,7 @@ class QuantSpec:
     symmetric: bool = False
     mode: Mode = "static"
     axis: int | None = None
-    groups: tuple[int, ...] | None = None
+    groups: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if not (MIN_BITS <= float(self.bits) <= MAX_BITS) or math.isnan(self.bits):
@@ -72,11 +73,12 @@ class QuantSpec:
         if self.granularity != "tensor" and self.axis is None:
             raise ValueError(f"granularity {self.granularity!r} needs an axis")
         if self.granularity == "group":
-            if not self.groups:
-                raise ValueError("granularity 'group' needs the group of every index along the axis")
-            used = set(self.groups)
-            if min(used) < 0 or used != set(range(max(used) + 1)):
-                raise ValueError(f"groups must be numbered 0..K-1 with none empty; got {sorted(used)}")
+            if not self.groups or not all(self.groups):
+                raise ValueError("granularity 'group' needs the group of every vector along the axis")
+            if len({len(row) for row in self.groups}) != 1:
+                raise ValueError("every timestep's group assignment must cover the same vectors")
+            if min(min(row) for row in self.groups) < 0:
+                raise ValueError("groups are numbered from 0")
         elif self.groups is not None:
             raise ValueError(f"groups are only valid with granularity 'group', not {self.granularity!r}")
         if self.scheme == "log2" and self.symmetric:
@@ -96,18 +98,18 @@ class QuantSpec:
 
     @property
     def num_groups(self) -> int:
-        return max(self.groups) + 1 if self.groups else 1
+        return max(max(row) for row in self.groups) + 1 if self.groups else 1
 
     def to_dict(self) -> dict:
         out = {k: getattr(self, k) for k in self.__dataclass_fields__}
-        out["groups"] = list(self.groups) if self.groups is not None else None
+        out["groups"] = [list(row) for row in self.groups] if self.groups is not None else None
         return out
 
     @classmethod
     def from_dict(cls, data: dict) -> QuantSpec:
         data = dict(data)
         if data.get("groups") is not None:
-            data["groups"] = tuple(data["groups"])
+            data["groups"] = tuple(tuple(row) for row in data["groups"])
         return cls(**data)
 
 
@@ -122,12 +124,16 @@ class LayerInfo:
         _check_choice("kind", self.kind, ("linear", "conv2d", "attention"))
 
 
+_OPERANDS = ("input", "weight", "query", "key", "value", "probs")
+
+
 @dataclass(frozen=True)
 class QuantAnnotation:
     """Which operands of a layer are quantized and how (``None`` keeps full precision).
 
     For a linear or convolution, ``input`` is its activation and ``weight`` its weight; for an
-    attention, ``query``/``key``/``value`` are its operands and ``probs`` the softmax output.
+    attention, ``query``/``key``/``value`` are its operands and ``probs`` the softmax output, and
+    ``start_token`` the key column kept in full precision (DGQ eq. 9), if any.
     """
 
     input: QuantSpec | None = None
@@ -136,9 +142,12 @@ class QuantAnnotation:
     key: QuantSpec | None = None
     value: QuantSpec | None = None
     probs: QuantSpec | None = None
+    start_token: int | None = None
 
     def __post_init__(self) -> None:
-        for name in self.__dataclass_fields__:
+        if self.start_token is not None and (self.probs is None or self.start_token < 0):
+            raise ValueError("start_token needs a probs spec and a non-negative column index")
+        for name in _OPERANDS:
             spec = getattr(self, name)
             if spec is not None and not isinstance(spec, QuantSpec):
                 raise TypeError(f"{name} must be a QuantSpec or None; got {type(spec).__name__}")
@@ -146,7 +155,7 @@ class QuantAnnotation:
             raise ValueError("weights are quantized once, so their mode must be 'static'")
 
     def operands(self) -> dict[str, QuantSpec]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__ if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in _OPERANDS if getattr(self, k) is not None}
 
 
 @dataclass(frozen=True)

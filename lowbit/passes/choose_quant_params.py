@@ -22,7 +22,7 @@ from lowbit.ir.params import OperandParams, target_name
 from lowbit.ir.statistics import ObservationStore, RangeStatistics
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
 
-__all__ = ["ChooseQuantParams", "activation_params", "weight_params"]
+__all__ = ["ChooseQuantParams", "activation_params", "asymmetric", "weight_params"]
 
 WeightRange = Literal["minmax", "mse"]
 _MSE_STEPS, _MSE_P = 80, 2.4
@@ -55,31 +55,43 @@ def weight_params(w: torch.Tensor, spec: QuantSpec, method: WeightRange) -> Oper
     return OperandParams(spec, scale, torch.zeros_like(scale), qvalues=q.to(OperandParams.storage_dtype(spec)))
 
 
-def _asymmetric(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+def asymmetric(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
     scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_EPS)
     zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
     return scale, zero_point
 
 
-def activation_params(target: str, store: ObservationStore, spec: QuantSpec) -> OperandParams:
-    """Per-tensor asymmetric parameters, one row per calibrated timestep or one overall."""
+def _bounds(stats: RangeStatistics, exclude_column: int | None) -> tuple[float, float]:
+    if exclude_column is None:
+        return stats.min, stats.max
+    keep = torch.ones_like(stats.channel_max, dtype=torch.bool)
+    keep[exclude_column] = False
+    return float(stats.channel_min[keep].min()), float(stats.channel_max[keep].max())
+
+
+def activation_params(target: str, store: ObservationStore, spec: QuantSpec, exclude_column: int | None = None) -> OperandParams:
+    """Per-tensor parameters, one row per calibrated timestep or one overall.
+
+    Uniform: asymmetric over the observed [min, max]. Log2 (attention probabilities): the scale is
+    the observed maximum (DGQ eq. 2), with no zero point. ``exclude_column`` leaves a column out
+    of the range (the start token that split_start_token keeps in full precision).
+    """
     if target not in store.stats:
         raise PassError(f"no calibration statistics for {target}: was this layer executed by the calibration inputs?")
     if spec.granularity != "tensor":
         raise PassError(f"{target}: the baseline quantizes activations per tensor, not per {spec.granularity}")
-
-    def bounds(stats: list[RangeStatistics]) -> tuple[torch.Tensor, torch.Tensor]:
-        return torch.tensor([s.min for s in stats]), torch.tensor([s.max for s in stats])
-
-    if spec.mode == "per_timestep":
-        steps = store.timesteps(target)
-        lo, hi = bounds([store.stats[target][t] for t in steps])
-        scale, zero_point = _asymmetric(lo, hi, spec)
+    per_t = spec.mode == "per_timestep"
+    steps = store.timesteps(target) if per_t else []
+    stats = [store.stats[target][t] for t in steps] if per_t else [store.overall(target)]
+    lo, hi = (torch.tensor(v) for v in zip(*(_bounds(s, exclude_column) for s in stats)))
+    if spec.scheme == "log2":
+        scale, zero_point = hi.clamp_min(_EPS), torch.zeros_like(hi)
+    else:
+        scale, zero_point = asymmetric(lo, hi, spec)
+    if per_t:
         return OperandParams(spec, scale, zero_point, timesteps=torch.tensor(steps, dtype=torch.float32))
-    lo, hi = bounds([store.overall(target)])
-    scale, zero_point = _asymmetric(lo[0], hi[0], spec)
-    return OperandParams(spec, scale, zero_point)
+    return OperandParams(spec, scale[0], zero_point[0])
 
 
 class ChooseQuantParams(Pass):
@@ -105,6 +117,7 @@ class ChooseQuantParams(Pass):
                     weight = node.args[1]
                     ctx.params[target] = weight_params(fetch_attr(gm, weight.target), spec, self.weight_range)
                 else:
-                    ctx.params[target] = activation_params(target, ctx.observations, spec)
+                    column = annotation.start_token if operand == "probs" else None
+                    ctx.params[target] = activation_params(target, ctx.observations, spec, column)
         # The graph itself is unchanged: parameters live in the context until convert_to_quantized_ops.
         return PassResult(gm, modified=False)

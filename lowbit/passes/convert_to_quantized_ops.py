@@ -102,14 +102,14 @@ def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
             value.meta[LAYER_KEY] = probs.meta[LAYER_KEY]
         operands.append(value)
     spec = annotation.probs
-    if spec is None:
-        ps = pz = None
-        scheme, qmin, qmax = "none", 0, 0
-    else:
+    ps = pz = None
+    if spec is not None and spec.mode != "dynamic":
         ps, pz = em.scale_and_zero_point(target_name(path, "probs"))
-        scheme, qmin, qmax = spec.scheme, spec.qmin, spec.qmax
+    scheme, qmin, qmax = (spec.scheme, spec.qmin, spec.qmax) if spec is not None else ("none", 0, 0)
+    start = annotation.start_token if annotation.start_token is not None else -1
+    dynamic = spec is not None and spec.mode == "dynamic"
     return call(em.gm.graph, lowbit.quantized_attention.default,
-                (*operands, ops.mask, ops.scale, ps, pz, scheme, qmin, qmax, -1, False)), ops.output
+                (*operands, ops.mask, ops.scale, ps, pz, scheme, qmin, qmax, start, dynamic)), ops.output
 
 
 def _drop_unused_parameters(gm: torch.fx.GraphModule) -> None:

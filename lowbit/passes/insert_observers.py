@@ -14,6 +14,7 @@ import torch.fx
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.attention import parse_canonical_attention
+from lowbit.ir.operands import activation_operands
 from lowbit.ir.params import target_name
 from lowbit.ir.statistics import CalibrationError, Layout, ObservationStore, RangeStatistics
 from lowbit.passes.base import Pass, PassContext, PassResult
@@ -67,17 +68,10 @@ class InsertObservers(Pass):
             if annotation is None:
                 continue
             info = node.meta[LAYER_KEY]
-            if info.kind == "attention":
-                ops = parse_canonical_attention(node)
-                observed = {"query": ops.q, "key": ops.k, "value": ops.v, "probs": ops.probs}
-                observed = {k: v for k, v in observed.items() if getattr(annotation, k) is not None}
-                layout: Layout = "channels_last"
-                consumer = ops.output
-            else:
-                observed = {"input": node.args[0]} if annotation.input is not None else {}
-                layout = "channels_first" if info.kind == "conv2d" else "channels_last"
-                consumer = node
-            for operand, value in observed.items():
+            consumer = parse_canonical_attention(node).output if info.kind == "attention" else node
+            for operand, (value, layout) in activation_operands(node).items():
+                if getattr(annotation, operand) is None:
+                    continue
                 target = target_name(info.path, operand)
                 name = f"obs{count}"
                 holder.add_module(name, Observer(target, value.name, layout, ctx.observations))

@@ -19,7 +19,9 @@ def test_integer_and_fractional_ranges():
     (dict(bits=8, scheme="cubic"), "scheme must be one of"),
     (dict(bits=8, mode="sometimes"), "mode must be one of"),
     (dict(bits=8, granularity="channel"), "needs an axis"),
-    (dict(bits=8, granularity="group", axis=-1, groups=(0, 2)), "numbered 0..K-1"),
+    (dict(bits=8, granularity="group", axis=-1, groups=((0, -1),)), "numbered from 0"),
+    (dict(bits=8, granularity="group", axis=-1, groups=((0, 1), (0,))), "cover the same vectors"),
+    (dict(bits=8, granularity="channel", axis=-1, groups=((0, 1),)), "only valid with granularity 'group'"),
     (dict(bits=8, axis=1), "takes no axis"),
     (dict(bits=8, scheme="log2", symmetric=True), "cannot be symmetric"),
 ])
@@ -29,7 +31,7 @@ def test_invalid_specs_name_the_problem(kwargs, message):
 
 
 def test_group_spec_and_round_trip():
-    spec = QuantSpec(6, granularity="group", axis=-1, groups=(0, 1, 1, 0, 2))
+    spec = QuantSpec(6, granularity="group", axis=-1, groups=((0, 1, 1, 0, 2), (1, 1, 0, 0, 0)), mode="per_timestep")
     assert spec.num_groups == 3
     assert QuantSpec.from_dict(spec.to_dict()) == spec
 

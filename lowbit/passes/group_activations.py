@@ -1,0 +1,110 @@
+"""Outlier-preserving group quantization of activations (DGQ eq. 6-7).
+
+Along the dimension detect_outlier_dim chose (or always along channels, for the ablation
+without dimension selection), the vectors' (min, max) ranges are clustered into K groups with
+K-means (scikit-learn, ``random_state=0``: deterministic, as in the official code). Each group
+gets its own scale and zero point from the group's range, so the few outlier channels or pixels
+keep a grid of their own instead of stretching everyone else's. Clustering is redone for every
+calibrated timestep, so both the assignment and the scales are per timestep (eq. 7).
+
+K = 1 gives one group spanning every vector, which is exactly the per-tensor baseline.
+The assignment is expanded into one scale per vector, shaped to broadcast against the operand,
+so the quantized ops need no new code. Convolution inputs are grouped on their own pixels (not
+on the im2col columns, which would quantize one pixel differently in each receptive field).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import torch
+import torch.fx
+from sklearn.cluster import KMeans
+
+from lowbit.ir.annotations import LAYER_KEY, OUTLIER_KEY, QUANT_KEY, QuantSpec
+from lowbit.ir.operands import activation_operands, broadcast_shape
+from lowbit.ir.params import OperandParams, target_name
+from lowbit.ir.statistics import RangeStatistics
+from lowbit.passes.base import Pass, PassContext, PassError, PassResult
+from lowbit.passes.choose_quant_params import asymmetric
+
+__all__ = ["GroupActivations", "cluster_ranges"]
+
+_GROUPED = ("input", "query", "key", "value")
+
+
+def cluster_ranges(vmin: torch.Tensor, vmax: torch.Tensor, k: int) -> np.ndarray:
+    """Group label of every vector, from K-means on its (min, max) point."""
+    points = torch.stack([vmin, vmax], 1).double().numpy()
+    k = min(k, len(np.unique(points, axis=0)))
+    if k <= 1:
+        return np.zeros(len(points), dtype=np.int64)
+    return KMeans(n_clusters=k, random_state=0, n_init=10).fit_predict(points).astype(np.int64)
+
+
+def _ranges(stats: RangeStatistics, dim: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return (stats.channel_min, stats.channel_max) if dim == "channel" else (stats.token_min, stats.token_max)
+
+
+class GroupActivations(Pass):
+    name = "group_activations"
+    requires = ("choose_quant_params",)
+
+    def __init__(self, num_groups: int, select_dim: bool = True):
+        if num_groups < 1:
+            raise ValueError(f"num_groups must be at least 1; got {num_groups}")
+        self.num_groups, self.select_dim = num_groups, select_dim
+
+    def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        modified = False
+        for node in gm.graph.nodes:
+            annotation = node.meta.get(QUANT_KEY)
+            if annotation is None:
+                continue
+            path = node.meta[LAYER_KEY].path
+            updated = {}
+            for operand, (value, layout) in activation_operands(node).items():
+                spec = getattr(annotation, operand)
+                if operand not in _GROUPED or spec is None or spec.mode == "dynamic":
+                    continue
+                dim = self._dimension(node, operand)
+                target = target_name(path, operand)
+                steps = ctx.observations.timesteps(target) if spec.mode == "per_timestep" else [None]
+                labels, scales, zero_points = [], [], []
+                for t in steps:
+                    stats = ctx.observations.stats[target][t] if t is not None else ctx.observations.overall(target)
+                    vmin, vmax = _ranges(stats, dim)
+                    label = cluster_ranges(vmin, vmax, self.num_groups)
+                    index = torch.from_numpy(label)
+                    k = int(label.max()) + 1
+                    lo = torch.full((k,), float("inf")).scatter_reduce(0, index, vmin, "amin")
+                    hi = torch.full((k,), float("-inf")).scatter_reduce(0, index, vmax, "amax")
+                    scale, zero_point = asymmetric(lo, hi, spec)
+                    labels.append(tuple(label.tolist()))
+                    scales.append(scale[index])
+                    zero_points.append(zero_point[index])
+                shape = broadcast_shape(tuple(value.meta["val"].shape), layout, dim)
+                axis = (-1 if layout == "channels_last" else 1) if dim == "channel" else (1 if layout == "channels_last" else 2)
+                grouped = QuantSpec.from_dict({**spec.to_dict(), "granularity": "group", "axis": axis,
+                                               "groups": [list(row) for row in labels]})
+                stack = lambda rows: torch.stack(rows).reshape(len(rows), *shape)  # noqa: E731
+                if spec.mode == "per_timestep":
+                    ctx.params[target] = OperandParams(grouped, stack(scales), stack(zero_points),
+                                                       timesteps=torch.tensor(steps, dtype=torch.float32))
+                else:
+                    ctx.params[target] = OperandParams(grouped, scales[0].reshape(shape), zero_points[0].reshape(shape))
+                updated[operand] = grouped
+            if updated:
+                node.meta[QUANT_KEY] = dataclasses.replace(annotation, **updated)
+                modified = True
+        return PassResult(gm, modified)
+
+    def _dimension(self, node: torch.fx.Node, operand: str) -> str:
+        if not self.select_dim:
+            return "channel"
+        found = node.meta.get(OUTLIER_KEY, {})
+        if operand not in found:
+            raise PassError(f"node '{node.name}' ({node.meta[LAYER_KEY].path}:{operand}) has no outlier dimension; "
+                            f"run detect_outlier_dim before {self.name}, or set select_dim=False")
+        return found[operand].chosen
