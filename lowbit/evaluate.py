@@ -45,6 +45,7 @@ class EvalRow:
     psnr_vs_fp: float | None
     gbops: float
     size_kb: float
+    quant_params_kb: float
     seconds: float
 
 
@@ -84,6 +85,7 @@ def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps:
             psnr_vs_fp=None if denoiser is model else _mean_psnr(result.images_seen, fp_images),
             gbops=c.bops / 1e9 / example[1]["hidden_states"].shape[0] if c else math.nan,
             size_kb=(c.size_bytes if c else sum(p.numel() * 4 for p in model.parameters())) / 1024,
+            quant_params_kb=c.quant_param_bytes / 1024 if c else 0.0,
             seconds=seconds,
         ))
         grid[name] = result.images_seen[:10]
@@ -97,12 +99,13 @@ def _cell(value) -> str:
 
 
 def markdown(rows: list[EvalRow]) -> str:
-    header = ["model", "W/A", "FID ↓", "IS ↑", "align seen ↑", "align held-out ↑", "PSNR vs FP (dB) ↑", "GBOPs/image", "size (KB)", "time (s)"]
+    header = ["model", "W/A", "FID ↓", "IS ↑", "align seen ↑", "align held-out ↑", "PSNR vs FP (dB) ↑",
+              "GBOPs/call", "size (KB)", "of which q-params (KB)", "time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         cells = [r.model, f"{r.weight_bits:g}/{r.activation_bits:g}", _cell(r.fid), _cell(r.inception_score),
                  _cell(r.alignment_seen), _cell(r.alignment_heldout), _cell(r.psnr_vs_fp), _cell(r.gbops),
-                 _cell(r.size_kb), f"{r.seconds:.0f}"]
+                 _cell(r.size_kb), _cell(r.quant_params_kb), f"{r.seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["CalibrationError", "Layout", "ObservationStore", "RangeStatistics", "timestep_key"]
+__all__ = ["CalibrationError", "Layout", "ObservationStore", "RangeStatistics", "spread", "timestep_key"]
 
 Layout = Literal["channels_last", "channels_first"]
 
@@ -33,6 +33,11 @@ def timestep_key(value: float) -> float:
     return round(float(value), 4)
 
 
+def spread(vmin: Tensor, vmax: Tensor) -> float:
+    """DGQ eq. 4 over vectors with these minima and maxima: (max a_max - min a_max) + (max a_min - min a_min)."""
+    return float((vmax.max() - vmax.min()) + (vmin.max() - vmin.min()))
+
+
 def _as_matrix(x: Tensor, layout: Layout) -> Tensor:
     """(batch, tokens, channels) view of an observed tensor."""
     if x.dim() < 2:
@@ -44,27 +49,24 @@ def _as_matrix(x: Tensor, layout: Layout) -> Tensor:
 
 @dataclass
 class RangeStatistics:
-    """Per-channel and per-token min/max (DGQ eq. 4 needs both), plus per-channel moments."""
+    """Per-channel and per-token min/max: DGQ eq. 4 needs both."""
 
     channel_min: Tensor
     channel_max: Tensor
     token_min: Tensor
     token_max: Tensor
-    channel_sum: Tensor
-    channel_sumsq: Tensor
     count: int  # elements per channel seen
 
     @classmethod
     def of(cls, x: Tensor, layout: Layout) -> RangeStatistics:
         m = _as_matrix(x.detach().float(), layout)
+        per_token_min, per_token_max = m.amin(dim=2), m.amax(dim=2)  # (batch, tokens)
         flat = m.reshape(-1, m.shape[-1])
         return cls(
             channel_min=flat.amin(0),
             channel_max=flat.amax(0),
-            token_min=m.amin(dim=(0, 2)),
-            token_max=m.amax(dim=(0, 2)),
-            channel_sum=flat.sum(0, dtype=torch.float64),
-            channel_sumsq=(flat.double() ** 2).sum(0),
+            token_min=per_token_min.amin(0),
+            token_max=per_token_max.amax(0),
             count=flat.shape[0],
         )
 
@@ -80,8 +82,6 @@ class RangeStatistics:
             torch.maximum(self.channel_max, other.channel_max),
             torch.minimum(self.token_min, other.token_min),
             torch.maximum(self.token_max, other.token_max),
-            self.channel_sum + other.channel_sum,
-            self.channel_sumsq + other.channel_sumsq,
             self.count + other.count,
         )
 
@@ -93,13 +93,8 @@ class RangeStatistics:
     def max(self) -> float:
         return float(self.channel_max.max())
 
-    @property
-    def channel_std(self) -> Tensor:
-        mean = self.channel_sum / self.count
-        return (self.channel_sumsq / self.count - mean**2).clamp_min(0).sqrt().float()
-
     def nbytes(self) -> int:
-        tensors = (self.channel_min, self.channel_max, self.token_min, self.token_max, self.channel_sum, self.channel_sumsq)
+        tensors = (self.channel_min, self.channel_max, self.token_min, self.token_max)
         return sum(t.numel() * t.element_size() for t in tensors)
 
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lowbit.ir.statistics import RangeStatistics, spread
 from lowbit.models import digits, text_encoder
 from lowbit.models.reference import load_reference_model, sample
 
@@ -33,42 +34,27 @@ SUBSAMPLE_PER_CALL = 20_000
 class LinearStats:
     max_abs: float = 0.0
     samples: list[torch.Tensor] = field(default_factory=list)  # |x| subsample for the p99.9
-    ch_max: torch.Tensor | None = None
-    ch_min: torch.Tensor | None = None
-    tok_max: torch.Tensor | None = None
-    tok_min: torch.Tensor | None = None
+    ranges: RangeStatistics | None = None  # per-channel and per-token min/max, as calibration keeps them
 
     def update(self, x: torch.Tensor, gen: torch.Generator) -> None:
-        x = x.detach().float()
-        flat = x.abs().flatten()
+        flat = x.detach().float().abs().flatten()
         self.max_abs = max(self.max_abs, flat.max().item())
         self.samples.append(flat[torch.randint(0, flat.numel(), (SUBSAMPLE_PER_CALL,), generator=gen)])
-        chans = x.reshape(-1, x.shape[-1])
-        self.ch_max = _fold(self.ch_max, chans.amax(0), torch.maximum)
-        self.ch_min = _fold(self.ch_min, chans.amin(0), torch.minimum)
-        if x.dim() == 3:  # (B, tokens, C)
-            self.tok_max = _fold(self.tok_max, x.amax(dim=(0, 2)), torch.maximum)
-            self.tok_min = _fold(self.tok_min, x.amin(dim=(0, 2)), torch.minimum)
+        seen = RangeStatistics.of(x, "channels_last")
+        self.ranges = seen if self.ranges is None else self.ranges.merge(seen)
 
     def row(self) -> dict[str, float | None]:
         p999 = torch.quantile(torch.cat(self.samples), 0.999).item()
-        ranges = self.ch_max - self.ch_min
+        r = self.ranges
+        widths = r.channel_max - r.channel_min
         return {
-            "channels": len(ranges),
+            "channels": len(widths),
             "max_over_p999": self.max_abs / max(p999, 1e-12),
-            "D_channel": _spread(self.ch_max, self.ch_min),
-            "D_token": None if self.tok_max is None else _spread(self.tok_max, self.tok_min),
-            "top_channel_range_over_median": (ranges.max() / ranges.median().clamp_min(1e-12)).item(),
-            "top_channels": ranges.topk(min(2, len(ranges))).indices.tolist(),
+            "D_channel": spread(r.channel_min, r.channel_max),
+            "D_token": None if r.token_min.numel() == 1 else spread(r.token_min, r.token_max),
+            "top_channel_range_over_median": (widths.max() / widths.median().clamp_min(1e-12)).item(),
+            "top_channels": widths.topk(min(2, len(widths))).indices.tolist(),
         }
-
-
-def _fold(acc, new, op):
-    return new if acc is None else op(acc, new)
-
-
-def _spread(a_max: torch.Tensor, a_min: torch.Tensor) -> float:
-    return ((a_max.max() - a_max.min()) + (a_min.max() - a_min.min())).item()
 
 
 def _cross_attention_probs(attn: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias) -> torch.Tensor:

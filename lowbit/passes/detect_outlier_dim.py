@@ -18,17 +18,12 @@ import torch.nn.functional as F
 
 from lowbit.ir.annotations import LAYER_KEY, OUTLIER_KEY, QUANT_KEY, OutlierDim
 from lowbit.ir.params import target_name
-from lowbit.ir.statistics import RangeStatistics
+from lowbit.ir.statistics import RangeStatistics, spread
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
 
-__all__ = ["DetectOutlierDim", "conv_unfold_ranges", "spread"]
+__all__ = ["DetectOutlierDim", "conv_unfold_ranges"]
 
 _ACTIVATIONS = ("input", "query", "key", "value")
-
-
-def spread(vmin: torch.Tensor, vmax: torch.Tensor) -> float:
-    """DGQ eq. 4 over vectors whose minima and maxima are given."""
-    return float((vmax.max() - vmax.min()) + (vmin.max() - vmin.min()))
 
 
 def _pair(v) -> tuple[int, int]:

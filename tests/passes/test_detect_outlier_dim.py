@@ -7,11 +7,11 @@ from torch import nn
 
 from lowbit.ir.annotations import OUTLIER_KEY, LAYER_KEY, QuantSpec
 from lowbit.ir.capture import capture
-from lowbit.ir.statistics import RangeStatistics
+from lowbit.ir.statistics import RangeStatistics, spread
 from lowbit.passes.annotate_quantization import AnnotateQuantization
 from lowbit.passes.base import PassContext
 from lowbit.passes.canonicalize_attention import CanonicalizeAttention
-from lowbit.passes.detect_outlier_dim import DetectOutlierDim, conv_unfold_ranges, spread
+from lowbit.passes.detect_outlier_dim import DetectOutlierDim, conv_unfold_ranges
 from lowbit.passes.insert_observers import InsertObservers
 from lowbit.passes.pipeline import Pipeline
 
