@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lowbit quantize --out out/quantize --overwrite
+	$(VENV)/bin/lowbit eval --recipe minmax-w8a8 --recipe dgq-w8a8 --samples 200 --out out/eval --overwrite
 
 test: $(STAMP)
 	$(PY) -m pytest -q
