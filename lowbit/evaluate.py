@@ -21,7 +21,7 @@ import torch
 from lowbit.accounting import cost
 from lowbit.calibration import record_inputs
 from lowbit.evaluation.grid import save_grid
-from lowbit.evaluation.harness import evaluate, prompt_set
+from lowbit.evaluation.harness import Sampler, evaluate, prompt_set
 from lowbit.evaluation.metrics import psnr
 from lowbit.models import text_encoder
 from lowbit.models.reference import load_reference_model, make_sampler, sample
@@ -61,31 +61,38 @@ def _mean_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps: int = 25, calibration_prompts: int = 64,
-             progress: bool = True) -> tuple[list[EvalRow], dict[str, torch.Tensor]]:
-    """Rows of the table (full precision first) and the first image of each class per model."""
+             extra_samplers: dict[str, Sampler] | None = None, progress: bool = True) -> tuple[list[EvalRow], dict[str, torch.Tensor]]:
+    """Rows of the table (full precision first) and the first image of each class per model.
+
+    ``extra_samplers`` adds rows for any (prompts, seeds) -> images callable (an untrained model,
+    another architecture): scored the same way, with no bit-widths or costs.
+    """
     model = load_reference_model()
     recipes = [get_recipe(r) for r in recipes]
     calibration = calibrate_reference(model, calibration_prompts, steps, progress) if recipes else []
     example = calibration[0] if calibration else None
-    models: list[tuple[str, float, float, torch.nn.Module]] = [("full precision", 32, 32, model)]
+    entries: list[tuple[str, float, float, Sampler, torch.nn.Module | None]] = [
+        ("full precision", 32, 32, make_sampler(model, steps=steps), model)]
     for recipe in recipes:
-        models.append((recipe.name, recipe.weight_bits, recipe.activation_bits, quantize(model, recipe, calibration, progress=progress)))
+        qmodel = quantize(model, recipe, calibration, progress=progress)
+        entries.append((recipe.name, recipe.weight_bits, recipe.activation_bits, make_sampler(qmodel, steps=steps), qmodel))
+    entries += [(name, math.nan, math.nan, sampler, None) for name, sampler in (extra_samplers or {}).items()]
     rows, grid, fp_images = [], {}, None
-    for name, w_bits, a_bits, denoiser in models:
+    for name, w_bits, a_bits, sampler, denoiser in entries:
         start = time.perf_counter()
-        result = evaluate(make_sampler(denoiser, steps=steps), samples, seed=seed)
+        result = evaluate(sampler, samples, seed=seed)
         seconds = time.perf_counter() - start
         if fp_images is None:
             fp_images = result.images_seen
-        c = cost(denoiser, *example) if example is not None else None
+        c = cost(denoiser, *example) if example is not None and denoiser is not None else None
         rows.append(EvalRow(
             model=name, weight_bits=w_bits, activation_bits=a_bits,
             fid=result.fid, inception_score=result.inception_score,
             alignment_seen=result.alignment_seen, alignment_heldout=result.alignment_heldout,
             psnr_vs_fp=None if denoiser is model else _mean_psnr(result.images_seen, fp_images),
             gbops=c.bops / 1e9 / example[1]["hidden_states"].shape[0] if c else math.nan,
-            size_kb=(c.size_bytes if c else sum(p.numel() * 4 for p in model.parameters())) / 1024,
-            quant_params_kb=c.quant_param_bytes / 1024 if c else 0.0,
+            size_kb=c.size_bytes / 1024 if c else math.nan,
+            quant_params_kb=c.quant_param_bytes / 1024 if c else math.nan,
             seconds=seconds,
         ))
         grid[name] = result.images_seen[:10]
@@ -93,7 +100,7 @@ def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps:
 
 
 def _cell(value) -> str:
-    if value is None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
@@ -103,7 +110,8 @@ def markdown(rows: list[EvalRow]) -> str:
               "GBOPs/call", "size (KB)", "of which q-params (KB)", "time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
-        cells = [r.model, f"{r.weight_bits:g}/{r.activation_bits:g}", _cell(r.fid), _cell(r.inception_score),
+        bits = "–" if math.isnan(r.weight_bits) else f"{r.weight_bits:g}/{r.activation_bits:g}"
+        cells = [r.model, bits, _cell(r.fid), _cell(r.inception_score),
                  _cell(r.alignment_seen), _cell(r.alignment_heldout), _cell(r.psnr_vs_fp), _cell(r.gbops),
                  _cell(r.size_kb), _cell(r.quant_params_kb), f"{r.seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")

@@ -26,3 +26,14 @@ def test_eval_command_writes_table_and_grid(tmp_path, capsys):
                  "--calibration-prompts", "2", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["eval.csv", "eval.md", "samples.png"]
     assert "| minmax-w4a6 | 4/6 |" in capsys.readouterr().out
+
+
+def test_extra_samplers_get_rows_without_costs():
+    from lowbit.evaluate import markdown
+    from lowbit.evaluation.harness import blob_sampler
+
+    rows, grid = run_eval([], samples=10, steps=2, extra_samplers={"blobs": blob_sampler}, progress=False)
+    assert [r.model for r in rows] == ["full precision", "blobs"]
+    blobs = rows[1]
+    assert math.isnan(blobs.gbops) and blobs.psnr_vs_fp < 15  # blobs look nothing like the FP digits
+    assert "| blobs | – |" in markdown(rows)
