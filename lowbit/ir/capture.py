@@ -87,11 +87,11 @@ class InputSignature:
 
 
 def _bound_arguments(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = inspect.signature(model.forward).bind(*args, **kwargs)
+    signature = inspect.signature(model.forward)
+    bound = signature.bind(*args, **kwargs)
     out = {}
     for name, value in bound.arguments.items():
-        param = inspect.signature(model.forward).parameters[name]
-        if param.kind is inspect.Parameter.VAR_KEYWORD:
+        if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
             out.update(value)
         else:
             out[name] = value
