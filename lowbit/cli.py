@@ -35,13 +35,19 @@ def _recipe(value: str) -> Recipe:
     return get_recipe(value)
 
 
+def _output_folder(args: argparse.Namespace) -> Path:
+    """Refuse an existing output folder before the long work starts, not after."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    return out
+
+
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.pipelines import pipeline_calls, tiny_pipeline
 
     recipe = _recipe(args.recipe)
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    out = _output_folder(args)
     pipe = tiny_pipeline(args.model)
     denoiser_attr = "transformer" if args.model == "pixart" else "unet"
     denoiser = getattr(pipe, denoiser_attr)
@@ -72,9 +78,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.evaluate import markdown, run_eval, write_results
 
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    out = _output_folder(args)
     rows, grid = run_eval([_recipe(r) for r in args.recipe], args.samples, seed=args.seed,
                           steps=args.steps, calibration_prompts=args.calibration_prompts)
     print(markdown(rows))
