@@ -68,7 +68,8 @@ def _describe_keys(q: torch.fx.Node, k: torch.fx.Node) -> tuple[str, tuple[str, 
 
 
 def _explicit_attention(softmax: torch.fx.Node):
-    """(q, k, v, mask, scale, output) of a classic baddbmm/bmm + softmax + bmm attention, or None."""
+    """(q, k, v, mask, scale, output) of the classic diffusers attention — baddbmm(mask, q, kᵀ,
+    beta, alpha), softmax, bmm — or None for anything else (left as it is)."""
     if softmax.target not in (aten.softmax.int, aten._softmax.default) or ATTENTION_KEY in softmax.meta:
         return None
     scores = softmax.args[0]
@@ -76,17 +77,13 @@ def _explicit_attention(softmax: torch.fx.Node):
     if len(users) == 1 and users[0].target == aten._to_copy.default:
         users = list(users[0].users)
     out = [u for u in users if u.target in (aten.bmm.default, aten.matmul.default) and u.args[0] in (softmax, *softmax.users)]
-    if len(out) != 1 or len(users) != 1:
+    if len(out) != 1 or len(users) != 1 or scores.target != aten.baddbmm.default:
         return None
-    if scores.target == aten.baddbmm.default:
-        mask, q, kt = scores.args[:3]
-        beta, alpha = scores.kwargs.get("beta", 1), scores.kwargs.get("alpha", 1)
-        mask = mask if beta != 0 else None
-    else:
-        return None
-    if kt.target != aten.transpose.int:
-        return None
-    return q, kt.args[0], out[0].args[1], mask, float(alpha), out[0]
+    mask, q, kt = scores.args[:3]
+    beta, alpha = scores.kwargs.get("beta", 1), scores.kwargs.get("alpha", 1)
+    if beta not in (0, 1) or kt.target != aten.transpose.int:
+        return None  # a scaled mask has no canonical form; keep the graph exact
+    return q, kt.args[0], out[0].args[1], mask if beta == 1 else None, float(alpha), out[0]
 
 
 class CanonicalizeAttention(Pass):
