@@ -1,7 +1,13 @@
 """Shared fixtures: calibration sets for the tiny diffusers models."""
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter; set before any @triton.jit
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 from lowbit.models.tiny import TINY_MODELS
 
