@@ -150,8 +150,9 @@ def per_row(value: Tensor | float, m: int, device: torch.device) -> tuple[Tensor
     return t.reshape(m).contiguous(), 1
 
 
-def new_output(a: Tensor, in_features: int, n: int, bias: Tensor | None, out_dtype: torch.dtype) -> Tensor:
-    """Check a GEMM's int8 activations [M, K], bias and output dtype; allocate the [M, N] output."""
+def new_output(a: Tensor, in_features: int, n: int, bias: Tensor | None,
+               out_dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Check a GEMM's int8 activations [M, K], bias and output dtype; allocate the [M, N] output, bias contiguous."""
     if a.dtype != torch.int8 or a.dim() != 2 or a.stride(-1) != 1:
         raise ValueError(f"activations must be a row-major int8 [M, K] matrix; got {a.dtype} {tuple(a.shape)}")
     if a.shape[1] != in_features:
@@ -160,7 +161,8 @@ def new_output(a: Tensor, in_features: int, n: int, bias: Tensor | None, out_dty
         raise ValueError(f"out_dtype must be one of {_OUT_DTYPES}; got {out_dtype}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"bias must be [{n}]; got {tuple(bias.shape)}")
-    return torch.empty((a.shape[0], n), dtype=out_dtype, device=a.device)
+    out = torch.empty((a.shape[0], n), dtype=out_dtype, device=a.device)
+    return out, bias.contiguous() if bias is not None else None
 
 
 def tiles(m: int, n: int):
@@ -171,7 +173,7 @@ def tiles(m: int, n: int):
 def launch_gemm(kernel, a: Tensor, w: PreparedWeight, a_scale, a_zero_point, bias: Tensor | None,
                 out_dtype: torch.dtype) -> Tensor:
     """Launch the int8 or int4 GEMM ``kernel`` (same signature) on prepared operands."""
-    out = new_output(a, w.in_features, w.out_features, bias, out_dtype)
+    out, bias = new_output(a, w.in_features, w.out_features, bias, out_dtype)
     m, n = out.shape
     if m == 0:
         return out

@@ -126,7 +126,7 @@ def group_gemm(a: Tensor, weight: GroupedWeight, group_scale: Tensor, group_zero
     ``group_scale``/``group_zero_point``: [G]; the zero point in the int8 code space (z - 128),
     None for symmetric codes. ``bias``: [N] or None.
     """
-    out = new_output(a, weight.data.shape[1], weight.data.shape[0], bias, out_dtype)
+    out, bias = new_output(a, weight.data.shape[1], weight.data.shape[0], bias, out_dtype)
     m, n = out.shape
     g = weight.num_groups
     scale = group_scale.to(device=a.device, dtype=torch.float32).contiguous()

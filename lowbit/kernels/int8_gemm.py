@@ -62,8 +62,9 @@ def int8_gemm(a: Tensor, weight: PreparedWeight, a_scale: Tensor | float, a_zero
               bias: Tensor | None = None, out_dtype: torch.dtype = torch.float32) -> Tensor:
     """a int8 [M, K] (row-major) x prepared weight -> out_dtype [M, N] (float32, bfloat16 or float16).
 
-    ``a_scale``/``a_zero_point``: scalars or [M]; the zero point in the int8 code space (lowbit's
-    unsigned z - 128, see quantize_static), None for symmetric codes. ``bias``: [N] or None.
+    ``a_scale``/``a_zero_point``: scalars or [M] (tensors on a's device avoid a copy per call); the
+    zero point integer-valued, in the int8 code space (lowbit's unsigned z - 128, see
+    quantize_static), None for symmetric codes. ``bias``: [N] or None.
     """
     if weight.bits != 8:
         raise ValueError(f"int8_gemm takes an 8-bit PreparedWeight; got {weight.bits} bits")
