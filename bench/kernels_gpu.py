@@ -2,19 +2,20 @@
 
 At PixArt-alpha's linear layers (hidden 1152; tokens M = 2 x 1024 and 2 x 4096: a CFG batch of
 two at 512 and 1024 px; (K, N) = QKV, attention out, FFN up, FFN down), one process times side
-by side, with CUDA events after a warmup, the median of --reps calls (weights stay in L2 between
-calls, as in a real forward at these sizes):
+by side, with CUDA events, after a warmup, the median of --reps calls (no L2 flush between calls,
+so a weight of a few MB may stay in the 50 MB L2 for every kernel alike):
 
 - bf16 ``F.linear`` (cuBLAS), the baseline;
 - W8A8: dynamic per-token activation quantization + int8 GEMM with the fused dequantize + bias
   epilogue, and the GEMM alone on pre-quantized activations;
 - W4A8: the same with packed int4 weights;
 - DGQ W8A8: 8 static channel groups (gather + quantize, then the group GEMM);
-- ``torch._int_mm``: int8 x int8 -> int32 from cuBLASLt, no epilogue (the library's floor).
+- ``torch._int_mm``: cuBLASLt's int8 x int8 -> int32, without any dequantization (a reference point).
 
-It prints and writes bench/results/kernels_gpu.md: time, speedup over bf16, achieved TOPS, the
-share of the device's dense peak (NVIDIA data sheets; "unknown" for other devices), and each
-output's relative error against the float32 product (quantization error, a sanity check).
+It prints and writes bench/results/kernels_gpu.md: time, speedup over bf16, achieved TOPS (the
+GEMM's 2 M N K operations over the whole time, quantization included), the share of the device's
+dense peak (NVIDIA data sheets; "unknown" for other devices), and each output's relative error
+against the float32 product (quantization error, a sanity check).
 
     .venv/bin/python bench/kernels_gpu.py [--reps 100]   # needs a CUDA GPU
     .venv/bin/python bench/kernels_gpu.py --smoke        # tiny shapes on CPU under TRITON_INTERPRET=1
@@ -54,7 +55,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--reps", type=int, default=100, help="timed calls per kernel and shape (median)")
     parser.add_argument("--warmup", type=int, default=10, help="untimed calls after the first (which autotunes)")
     parser.add_argument("--out", type=Path, default=None,
-                        help="markdown table to write (default bench/results/kernels_gpu.md; with --smoke only when given)")
+                        help="markdown table to write (default bench/results/kernels_gpu.md; "
+                             "with --smoke only when given)")
     return parser.parse_args()
 
 
@@ -78,7 +80,8 @@ def median_seconds(fn, device: torch.device, warmup: int, reps: int) -> float:
 
 
 def cases(m: int, k: int, n: int, device: torch.device) -> tuple[torch.Tensor, dict]:
-    """The float32 reference output and, per kernel: (runs on int8 tensor cores, output comparable to the reference, call)."""
+    """The float32 reference output and, per kernel: (runs on int8 tensor cores?, output comparable to
+    the reference?, the call)."""
     from lowbit.kernels.group_gemm import group_gemm, prepare_grouped_weight, quantize_grouped
     from lowbit.kernels.int4_gemm import int4_gemm, prepare_int4_weight
     from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
@@ -136,13 +139,14 @@ def main() -> None:
     tokens, shapes = (SMOKE_TOKENS, SMOKE_SHAPES) if args.smoke else (TOKENS, SHAPES)
     lines = [f"Device: {name} (peaks: {label}"
              + (f", dense bf16 {peak_bf16} TFLOPS, int8 {peak_int8} TOPS)" if peak_bf16 else ")")
-             + f"; torch {torch.__version__}, triton {triton.__version__}; median of {reps} calls after {warmup} warmup.",
+             + f"; torch {torch.__version__}, triton {triton.__version__}; "
+             f"median of {reps} calls after {warmup} warmup calls.",
              "", "| M | K | N | kernel | time (us) | speedup vs bf16 | TOPS | % of peak | rel. error vs fp32 |",
              "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"]
     for m in tokens:
         for k, n in shapes:
             ref, kernels = cases(m, k, n, device)
-            baseline = None
+            baseline = None  # the first case, bf16
             for kernel, (int8, comparable, fn) in kernels.items():
                 output = fn()  # the first call autotunes; its output gives the error column
                 seconds = median_seconds(fn, device, warmup, reps)

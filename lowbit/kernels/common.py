@@ -178,7 +178,8 @@ def launch_gemm(kernel, a: Tensor, w: PreparedWeight, a_scale, a_zero_point, bia
     if m == 0:
         return out
     scale, scale_stride = per_row(a_scale, m, a.device)
-    zp, zp_stride = per_row(a_zero_point if a_zero_point is not None else 0.0, m, a.device)
+    # without a zero point the kernel never reads it: the scale stands in as its pointer
+    zp, zp_stride = per_row(a_zero_point, m, a.device) if a_zero_point is not None else (scale, 0)
     kernel[tiles(m, n)](a, w.data, out, scale, zp, w.scale, w.sum, bias if bias is not None else w.scale,
                         m, n, w.in_features, a.stride(0), w.data.stride(0), out.stride(0), scale_stride, zp_stride,
                         HAS_ZP=a_zero_point is not None, HAS_BIAS=bias is not None)

@@ -130,7 +130,7 @@ def group_gemm(a: Tensor, weight: GroupedWeight, group_scale: Tensor, group_zero
     m, n = out.shape
     g = weight.num_groups
     scale = group_scale.to(device=a.device, dtype=torch.float32).contiguous()
-    zp = (group_zero_point if group_zero_point is not None else torch.zeros(g)).to(a.device, torch.float32).contiguous()
+    zp = group_zero_point.to(a.device, torch.float32).contiguous() if group_zero_point is not None else scale
     if scale.shape != (g,) or zp.shape != (g,):
         raise ValueError(f"expected [{g}] group scales and zero points; got {tuple(scale.shape)}, {tuple(zp.shape)}")
     if m:

@@ -59,7 +59,8 @@ def _per_token_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
 
 @triton.jit
 def _static_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, columns_ptr, groups_ptr, M, K_in, K_out, stride_xm, stride_qm,
-                   scale_stride, zp_stride, qmin, qmax, GATHER: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                   scale_stride, zp_stride, qmin, qmax, GATHER: tl.constexpr, BLOCK_M: tl.constexpr,
+                   BLOCK_K: tl.constexpr):
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_k = tl.program_id(1) * BLOCK_K + tl.arange(0, BLOCK_K)
     rows = offs_m < M
