@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 import torch.fx
-from torch._guards import detect_fake_mode
+from torch._subclasses.fake_tensor import FakeTensor
 from torch.utils import _pytree as pytree
 
 __all__ = ["call", "erase_unused", "fetch_attr"]
@@ -21,10 +21,13 @@ def call(graph: torch.fx.Graph, target, args: tuple, kwargs: dict | None = None)
     node = graph.call_function(target, args, kwargs or {})
     vals = pytree.tree_map(lambda a: a.meta.get("val") if isinstance(a, torch.fx.Node) else a, (args, kwargs or {}))
     leaves = [v for v in pytree.tree_leaves(vals) if isinstance(v, torch.Tensor)]
-    mode = detect_fake_mode(leaves)
+    # the mode of the graph's own fake values, not an ambient one (a torch.compile backend runs
+    # passes inside dynamo's tracing context, whose fake mode is another)
+    mode = next((v.fake_mode for v in leaves if isinstance(v, FakeTensor)), None)
     if mode is not None and all(not isinstance(a, torch.fx.Node) or "val" in a.meta for a in pytree.tree_leaves((args, kwargs))):
+        fake = pytree.tree_map(lambda v: mode.from_tensor(v) if isinstance(v, torch.Tensor) and not isinstance(v, FakeTensor) else v, vals)
         with mode:
-            node.meta["val"] = target(*vals[0], **vals[1])
+            node.meta["val"] = target(*fake[0], **fake[1])
     return node
 
 

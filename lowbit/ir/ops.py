@@ -16,7 +16,16 @@ import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "REFERENCES",
+    "attention_probs",
+    "attention_reference",
+    "conv2d_reference",
     "fake_quant",
+    "linear_reference",
+    "quantize_probs",
+    "timestep_row",
+    "uniform_quantize",
+    "log2_quantize",
     "log2_fake_quant",
     "quantized_attention",
     "quantized_conv2d",
@@ -27,24 +36,21 @@ __all__ = [
 _TINY = 1e-30
 
 
-def _uniform(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+def uniform_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     """Eq. 1 of DGQ: x_q = clamp(round(x / s) + z, qmin, qmax), x_dq = s (x_q - z)."""
     xf = x.float()
     q = torch.clamp(torch.round(xf / scale) + zero_point, qmin, qmax)
     return ((q - zero_point) * scale).to(x.dtype)
 
 
-def _log2(x: Tensor, scale: Tensor, levels: int) -> Tensor:
+def log2_quantize(x: Tensor, scale: Tensor, levels: int) -> Tensor:
     """Eq. 2 of DGQ: x_q = clamp(round(-log2(x / s)), 0, 2^b - 1), x_dq = s 2^(-x_q)."""
     xf = x.float().clamp_min(_TINY)
     q = torch.clamp(torch.round(-torch.log2(xf / scale)), 0, levels - 1)
     return (scale * torch.exp2(-q)).to(x.dtype)
 
 
-@torch.library.custom_op("lowbit::fake_quant", mutates_args=())
-def fake_quant(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
-    """Uniform quantize-dequantize with broadcastable scale and zero point."""
-    return _uniform(x, scale, zero_point, qmin, qmax)
+fake_quant = torch.library.custom_op("lowbit::fake_quant", uniform_quantize, mutates_args=())
 
 
 @fake_quant.register_fake
@@ -52,15 +58,19 @@ def _(x, scale, zero_point, qmin, qmax):
     return torch.empty_like(x)
 
 
-@torch.library.custom_op("lowbit::log2_fake_quant", mutates_args=())
-def log2_fake_quant(x: Tensor, scale: Tensor, levels: int) -> Tensor:
-    """Logarithmic quantize-dequantize for non-negative tensors (attention probabilities)."""
-    return _log2(x, scale, levels)
+log2_fake_quant = torch.library.custom_op("lowbit::log2_fake_quant", log2_quantize, mutates_args=())
 
 
 @log2_fake_quant.register_fake
 def _(x, scale, levels):
     return torch.empty_like(x)
+
+
+def timestep_row(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tensor:
+    """Row of ``table`` for the calibrated timestep nearest to ``timestep`` (its first element)."""
+    t = timestep.reshape(-1)[0].to(timesteps.dtype)
+    row = torch.argmin((timesteps - t).abs()).reshape(1)
+    return torch.index_select(table, 0, row)[0]  # a tensor index, never .item(): compilers trace it
 
 
 @torch.library.custom_op("lowbit::select_timestep", mutates_args=())
@@ -71,8 +81,7 @@ def select_timestep(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tenso
     timestep; the graph picks the row from the timestep input it receives, so the quantized
     module works inside a diffusers pipeline's own denoising loop.
     """
-    t = timestep.reshape(-1)[0].to(timesteps.dtype)
-    return table[torch.argmin((timesteps - t).abs())].clone()
+    return timestep_row(table, timesteps, timestep).clone()
 
 
 @select_timestep.register_fake
@@ -85,7 +94,7 @@ def _quantize_input(x: Tensor, scale: Tensor | None, zero_point: Tensor | None, 
         return x
     if zero_point is None:
         zero_point = torch.zeros_like(scale)
-    return _uniform(x, scale, zero_point, qmin, qmax)
+    return uniform_quantize(x, scale, zero_point, qmin, qmax)
 
 
 def _dequantize_weight(weight: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
@@ -93,8 +102,7 @@ def _dequantize_weight(weight: Tensor, weight_scale: Tensor, dtype: torch.dtype)
     return (weight.float() * weight_scale.reshape(shape)).to(dtype)
 
 
-@torch.library.custom_op("lowbit::quantized_linear", mutates_args=())
-def quantized_linear(
+def linear_reference(
     x: Tensor,
     weight: Tensor,
     weight_scale: Tensor,
@@ -109,13 +117,15 @@ def quantized_linear(
     return F.linear(xq, _dequantize_weight(weight, weight_scale, x.dtype), bias)
 
 
+quantized_linear = torch.library.custom_op("lowbit::quantized_linear", linear_reference, mutates_args=())
+
+
 @quantized_linear.register_fake
 def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qmin, input_qmax):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-@torch.library.custom_op("lowbit::quantized_conv2d", mutates_args=())
-def quantized_conv2d(
+def conv2d_reference(
     x: Tensor,
     weight: Tensor,
     weight_scale: Tensor,
@@ -133,6 +143,9 @@ def quantized_conv2d(
     xq = _quantize_input(x, input_scale, input_zero_point, input_qmin, input_qmax)
     w = _dequantize_weight(weight, weight_scale, x.dtype)
     return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
+
+
+quantized_conv2d = torch.library.custom_op("lowbit::quantized_conv2d", conv2d_reference, mutates_args=())
 
 
 @quantized_conv2d.register_fake
@@ -182,16 +195,15 @@ def quantize_probs(
     if scale is None:
         raise ValueError("static probability quantization needs a scale")
     if scheme == "log2":
-        out = _log2(probs, scale, qmax + 1)
+        out = log2_quantize(probs, scale, qmax + 1)
     else:
-        out = _uniform(probs, scale, zero_point if zero_point is not None else torch.zeros_like(scale), qmin, qmax)
+        out = uniform_quantize(probs, scale, zero_point if zero_point is not None else torch.zeros_like(scale), qmin, qmax)
     if keep is not None:
         out = torch.cat([out[..., :start_token], keep, out[..., start_token:]], dim=-1)
     return out
 
 
-@torch.library.custom_op("lowbit::quantized_attention", mutates_args=())
-def quantized_attention(
+def attention_reference(
     q: Tensor,
     k: Tensor,
     v: Tensor,
@@ -215,6 +227,21 @@ def quantized_attention(
     return torch.matmul(probs.to(v.dtype), v)
 
 
+quantized_attention = torch.library.custom_op("lowbit::quantized_attention", attention_reference, mutates_args=())
+
+
 @quantized_attention.register_fake
 def _(q, k, v, attn_mask, scale, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token, dynamic_scale):
     return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+# The plain-PyTorch body of each op: what a lowering inlines where it has nothing faster, so
+# that its compiler (inductor) fuses the reference arithmetic instead of calling the opaque op.
+REFERENCES = {
+    torch.ops.lowbit.fake_quant.default: uniform_quantize,
+    torch.ops.lowbit.log2_fake_quant.default: log2_quantize,
+    torch.ops.lowbit.select_timestep.default: timestep_row,
+    torch.ops.lowbit.quantized_linear.default: linear_reference,
+    torch.ops.lowbit.quantized_conv2d.default: conv2d_reference,
+    torch.ops.lowbit.quantized_attention.default: attention_reference,
+}

@@ -13,7 +13,10 @@ from torch import Tensor
 
 from lowbit.ir.annotations import QuantSpec
 
-__all__ = ["OperandParams", "target_name"]
+__all__ = ["PARAMS", "OperandParams", "target_name"]
+
+# The submodule of a quantized graph that holds every quantization-parameter buffer.
+PARAMS = "lowbit_params"
 
 
 def target_name(layer: str, operand: str) -> str:

@@ -17,13 +17,12 @@ from lowbit.ir import ops  # noqa: F401  (registers the torch.ops.lowbit namespa
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.graph_edit import call, erase_unused
-from lowbit.ir.params import OperandParams, target_name
+from lowbit.ir.params import PARAMS, OperandParams, target_name
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
 from lowbit.passes.insert_observers import OBSERVERS
 
-__all__ = ["PARAMS", "ConvertToQuantizedOps"]
+__all__ = ["ConvertToQuantizedOps"]
 
-PARAMS = "lowbit_params"
 lowbit = torch.ops.lowbit
 aten = torch.ops.aten
 

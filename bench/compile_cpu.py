@@ -1,0 +1,184 @@
+"""Per-denoising-step latency and peak memory on CPU: FP32 eager and compiled, bf16 autocast, and
+lowbit W8A8 / W4A8 through ``torch.compile(backend="lowbit")`` (int8 GEMMs via torch._int_mm).
+
+All variants run side by side in one process, interleaved round by round so that a busy
+machine slows them alike; the table gives medians and ratios against FP32 eager.
+
+Models: (a) a PixArt-alpha-shaped transformer block (hidden 1152, 16 heads, MLP 4608, 120 text
+tokens; one block of diffusers' PixArtTransformer2DModel with its embeddings, caption
+projection at width 1152) at batch 2 with 1,024 and 4,096 image tokens; (b) an SD-1.x-shaped
+UNet down block (CrossAttnDownBlock2D, 320 channels, 64x64 latent, 77 text tokens of width 768,
+with the timestep embedding in front); (c) the shipped reference model at CFG batch 2.
+
+    .venv/bin/python bench/compile_cpu.py                  # all three, writes bench/results/compile_cpu.md
+    .venv/bin/python bench/compile_cpu.py --models block --tokens 1024 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+from diffusers import PixArtTransformer2DModel
+from diffusers.models.embeddings import TimestepEmbedding, Timesteps
+from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
+
+import lowbit
+from lowbit.evaluate import calibrate_reference
+from lowbit.models.reference import load_reference_model
+
+RESULTS = Path(__file__).parent / "results" / "compile_cpu.md"
+CALIBRATION_TIMESTEPS = (900.0, 500.0, 100.0)
+
+
+class SDDownBlock(torch.nn.Module):
+    """An SD-1.x down block with the UNet's timestep embedding, so it takes a diffusion timestep."""
+
+    def __init__(self):
+        super().__init__()
+        self.time_proj = Timesteps(320, flip_sin_to_cos=True, downscale_freq_shift=0)
+        self.time_embedding = TimestepEmbedding(320, 1280)
+        self.block = CrossAttnDownBlock2D(in_channels=320, out_channels=320, temb_channels=1280, num_layers=2,
+                                          cross_attention_dim=768, num_attention_heads=8, add_downsample=True)
+
+    def forward(self, sample, timestep, encoder_hidden_states):
+        temb = self.time_embedding(self.time_proj(timestep))
+        return self.block(sample, temb, encoder_hidden_states)[0]
+
+
+def pixart_block(tokens: int) -> tuple[torch.nn.Module, Callable[[torch.Generator, float], dict]]:
+    side = int(tokens**0.5) * 2  # latent side; patch size 2
+    model = PixArtTransformer2DModel(num_layers=1, num_attention_heads=16, attention_head_dim=72, in_channels=4,
+                                     out_channels=8, sample_size=side, patch_size=2, cross_attention_dim=1152,
+                                     caption_channels=1152, use_additional_conditions=False).eval()
+
+    def inputs(g: torch.Generator, t: float) -> dict:
+        return dict(hidden_states=torch.randn(2, 4, side, side, generator=g),
+                    encoder_hidden_states=torch.randn(2, 120, 1152, generator=g), timestep=torch.full((2,), t))
+
+    return model, inputs
+
+
+def sd_down_block() -> tuple[torch.nn.Module, Callable[[torch.Generator, float], dict]]:
+    def inputs(g: torch.Generator, t: float) -> dict:
+        return dict(sample=torch.randn(2, 320, 64, 64, generator=g), timestep=torch.full((2,), t),
+                    encoder_hidden_states=torch.randn(2, 77, 768, generator=g))
+
+    return SDDownBlock().eval(), inputs
+
+
+def _output(out) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out.sample if hasattr(out, "sample") else out
+
+
+def peak_step_bytes(step: Callable[[], object]) -> int:
+    """Peak of the memory allocated during one step above what was held before it (CPU allocator
+    events from the profiler; weights and inputs held before the step are not counted)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.events() if e.name == "[memory]"), key=lambda e: e.time_range.start)
+    held = peak = 0
+    for e in events:
+        held += e.cpu_memory_usage
+        peak = max(peak, held)
+    return peak
+
+
+def _weight_bytes(module: torch.nn.Module) -> int:
+    tensors = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def variants(model: torch.nn.Module, calibration: list) -> dict[str, tuple[Callable, torch.nn.Module]]:
+    """name -> (callable taking the model's keyword inputs, the module whose weights it holds)."""
+    out: dict[str, tuple[Callable, torch.nn.Module]] = {"FP32 eager": (model, model),
+                                                        "FP32 compiled (inductor)": (torch.compile(model), model)}
+
+    def bf16(**kw):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return model(**kw)
+
+    out["bf16 autocast"] = (bf16, model)
+    for recipe in ("minmax-w8a8", "minmax-w4a8"):
+        qmodel = lowbit.quantize(model, recipe, calibration, progress=False)
+        name = f"lowbit {recipe.split('-')[1].upper()} (backend=lowbit)"
+        out[name] = (torch.compile(qmodel, backend="lowbit"), qmodel.graph_module)
+    return out
+
+
+def measure(title: str, model: torch.nn.Module, make_inputs: Callable, rounds: int, calibration: list | None = None) -> list[str]:
+    g = torch.Generator().manual_seed(0)
+    calibration = calibration or [((), make_inputs(g, t)) for t in CALIBRATION_TIMESTEPS]
+    step_inputs = calibration[len(calibration) // 2][1]
+    runs = variants(model, calibration)
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    outputs: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for name, (fn, _) in runs.items():  # warm-up: compiles, and the first call's allocations
+            start = time.perf_counter()
+            outputs[name] = _output(fn(**step_inputs)).float()
+            print(f"  {title}: {name} warm-up {time.perf_counter() - start:.1f} s", flush=True)
+        for _ in range(rounds):
+            for name, (fn, _) in runs.items():
+                start = time.perf_counter()
+                fn(**step_inputs)
+                times[name].append(time.perf_counter() - start)
+        peaks = {name: peak_step_bytes(lambda fn=fn: fn(**step_inputs)) for name, (fn, _) in runs.items()}
+    base = statistics.median(times["FP32 eager"])
+    reference = outputs["FP32 eager"]
+    lines = [f"### {title}", "",
+             "| variant | ms / step | speed-up vs FP32 eager | peak step memory (MiB) | weights (MiB) | rel. L2 error vs FP32 |",
+             "| --- | ---: | ---: | ---: | ---: | ---: |"]
+    for name, (_, holder) in runs.items():
+        ms = statistics.median(times[name]) * 1e3
+        err = ((outputs[name] - reference).norm() / reference.norm()).item()
+        lines.append(f"| {name} | {ms:.1f} | {base * 1e3 / ms:.2f}x | {peaks[name] / 2**20:.1f} | "
+                     f"{_weight_bytes(holder) / 2**20:.1f} | {err:.4f} |")
+    print("\n".join(lines), flush=True)
+    return lines + [""]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", nargs="+", default=["block", "unet", "reference"], choices=["block", "unet", "reference"])
+    parser.add_argument("--tokens", nargs="+", type=int, default=[1024, 4096])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    sections = []
+    if "block" in args.models:
+        for tokens in args.tokens:
+            model, make_inputs = pixart_block(tokens)
+            sections += measure(f"PixArt-alpha-shaped block, batch 2, {tokens} tokens", model, make_inputs, args.rounds)
+    if "unet" in args.models:
+        model, make_inputs = sd_down_block()
+        sections += measure("SD-1.x-shaped UNet down block (CrossAttnDownBlock2D), batch 2, 64x64", model, make_inputs, args.rounds)
+    if "reference" in args.models:
+        model = load_reference_model()
+        calibration = calibrate_reference(model, prompts=4, steps=5, progress=False)
+        sections += measure("shipped reference model, CFG batch 2 x 2 prompts", model, None, args.rounds, calibration)
+    header = [f"Device: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}.", "",
+              f"Command: `{' '.join(['.venv/bin/python', 'bench/compile_cpu.py', *sys.argv[1:]])}`", ""]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text("\n".join(header + sections))
+    print(f"wrote {args.out}")
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.exists():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip() + f" ({platform.machine()})"
+    return platform.processor() or platform.machine()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,98 @@
+"""Triton target: quantized linears and log2 attention run lowbit's Triton kernels (lowbit.kernels).
+
+The kernels are wrapped as custom ops in the ``lowbit_triton`` namespace, so inductor calls them
+as opaque kernels and compiles the rest of the graph (fake quantizers, norms, the reference
+arithmetic of anything the kernels do not cover) into its own fused Triton code. On a machine
+without CUDA, ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors: that is how CI tests
+this target. A weight's kernel layout (with its per-channel integer sums) is prepared on first
+use and cached by storage, since dynamo hands weights over as graph inputs.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Callable
+
+import torch
+import torch.fx
+from torch import Tensor
+
+from lowbit.ir.ops import attention_reference, linear_reference
+from lowbit.kernels.common import UINT8_OFFSET, PreparedWeight
+from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
+from lowbit.kernels.log2_attention import log2_attention
+from lowbit.kernels.quantize_activation import quantize_static
+from lowbit.lowering.cpu import int8_form
+
+__all__ = ["TRITON_TRANSLATIONS"]
+
+_PREPARED: "weakref.WeakKeyDictionary[Tensor, PreparedWeight]" = weakref.WeakKeyDictionary()
+
+
+def _prepared(weight: Tensor, weight_scale: Tensor) -> PreparedWeight:
+    prepared = _PREPARED.get(weight)
+    if prepared is None:
+        prepared = _PREPARED[weight] = prepare_weight(weight, weight_scale)
+    return prepared
+
+
+@torch.library.custom_op("lowbit_triton::int8_linear", mutates_args=())
+def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
+                input_zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """Static per-tensor (or per-row) activation quantizer + W8A8 GEMM with the fused epilogue."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    row_shape = (*x.shape[:-1], 1)
+    scale = input_scale.float().expand(row_shape).reshape(-1)
+    zero_point = (torch.zeros_like(scale) if input_zero_point is None
+                  else input_zero_point.float().expand(row_shape).reshape(-1))
+    if qmin < 0:  # symmetric codes: move them into lowbit's unsigned convention the quantizer takes
+        zero_point, qmin, qmax = zero_point - qmin, 0, qmax - qmin
+    codes = quantize_static(rows, scale, zero_point, qmin, qmax)
+    y = int8_gemm(codes, _prepared(weight, weight_scale), scale, zero_point - UINT8_OFFSET, bias, out_dtype=torch.float32)
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+@int8_linear.register_fake
+def _(x, weight, weight_scale, bias, input_scale, input_zero_point, qmin, qmax):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("lowbit_triton::log2_attention", mutates_args=())
+def log2_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, levels: int, start_token: int,
+                      probs_scale: Tensor | None) -> Tensor:
+    """Attention with log2-quantized probabilities and the full-precision start-token column."""
+    return log2_attention(q, k, v, scale, levels, start_token, probs_scale)
+
+
+@log2_attention_op.register_fake
+def _(q, k, v, scale, levels, start_token, probs_scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
+    reason = int8_form(node)
+    return (linear_reference, reason) if reason else (torch.ops.lowbit_triton.int8_linear.default, None)
+
+
+def _attention_kernel(q, k, v, attn_mask, scale, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax,
+                      start_token, dynamic_scale):
+    return torch.ops.lowbit_triton.log2_attention.default(q, k, v, scale, probs_qmax + 1, start_token,
+                                                          None if dynamic_scale else probs_scale)
+
+
+def _attention(node: torch.fx.Node) -> tuple[Callable, str | None]:
+    q, _, _, mask, *_, scheme = node.args[:8]
+    shape = q.meta.get("val", q.meta.get("example_value")).shape if isinstance(q, torch.fx.Node) else ()
+    if scheme != "log2":
+        return attention_reference, None  # inductor fuses softmax + uniform quantizer + matmuls itself
+    if mask is not None:
+        return attention_reference, "attention mask: the log2 kernel takes none"
+    if len(shape) != 4:
+        return attention_reference, f"q of rank {len(shape)}: the log2 kernel takes (batch, heads, tokens, dim)"
+    return _attention_kernel, None
+
+
+TRITON_TRANSLATIONS = {
+    torch.ops.lowbit.quantized_linear.default: _linear,
+    torch.ops.lowbit.quantized_attention.default: _attention,
+}
