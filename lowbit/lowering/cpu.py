@@ -25,9 +25,10 @@ from torch import Tensor
 
 from lowbit.ir.ops import linear_reference
 
-__all__ = ["CPU_TRANSLATIONS", "int8_linear", "int8_form"]
+__all__ = ["CHANNEL_GROUPED", "CPU_TRANSLATIONS", "int8_linear", "int8_form"]
 
 _INT8_LEVELS = 256
+CHANNEL_GROUPED = "channel-grouped input scale (DGQ groups) varies along the reduced dimension"
 
 
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
@@ -64,7 +65,7 @@ def int8_form(node: torch.fx.Node) -> str | None:
         return f"{(qmax - qmin + 1).bit_length() - 1}-bit activations do not fit int8"
     weight_shape, scale_shape = _shape(weight), _shape(scale)
     if weight_shape is not None and scale_shape and scale_shape[-1] != 1 and scale_shape[-1] == weight_shape[1]:
-        return "channel-grouped input scale (DGQ groups) varies along the reduced dimension"
+        return CHANNEL_GROUPED
     return None
 
 

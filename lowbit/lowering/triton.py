@@ -19,14 +19,16 @@ from torch import Tensor
 
 from lowbit.ir.ops import attention_reference, linear_reference
 from lowbit.kernels.common import UINT8_OFFSET, PreparedWeight
+from lowbit.kernels.group_gemm import GroupedWeight, group_gemm, prepare_grouped_weight, quantize_grouped
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.log2_attention import log2_attention
 from lowbit.kernels.quantize_activation import quantize_static
-from lowbit.lowering.cpu import int8_form
+from lowbit.lowering.cpu import CHANNEL_GROUPED, int8_form
 
 __all__ = ["TRITON_TRANSLATIONS"]
 
 _PREPARED: "weakref.WeakKeyDictionary[Tensor, PreparedWeight]" = weakref.WeakKeyDictionary()
+_GROUPED: "weakref.WeakKeyDictionary[Tensor, dict[bytes, GroupedWeight]]" = weakref.WeakKeyDictionary()
 
 
 def _prepared(weight: Tensor, weight_scale: Tensor) -> PreparedWeight:
@@ -57,6 +59,31 @@ def _(x, weight, weight_scale, bias, input_scale, input_zero_point, qmin, qmax):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
+@torch.library.custom_op("lowbit_triton::group_linear", mutates_args=())
+def group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
+                 input_zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """DGQ channel groups: lowbit stores one (scale, zero point) per input channel, G distinct pairs.
+    The pairs become G groups; the weight is reordered group-contiguous once per grouping (a
+    per-timestep grouping gives one layout per calibrated timestep) and the group GEMM applies
+    each group's parameters to its own integer partial sum."""
+    pairs = torch.stack([input_scale.float().reshape(-1), input_zero_point.float().reshape(-1)], 1)
+    groups, labels = torch.unique(pairs, dim=0, return_inverse=True)
+    layouts = _GROUPED.setdefault(weight, {})
+    key = labels.to(torch.int16).cpu().numpy().tobytes()
+    if key not in layouts:
+        layouts[key] = prepare_grouped_weight(weight, weight_scale, labels, groups.shape[0])
+    grouped = layouts[key]
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    codes = quantize_grouped(rows, grouped, groups[:, 0], groups[:, 1], qmin, qmax)
+    y = group_gemm(codes, grouped, groups[:, 0], groups[:, 1] - UINT8_OFFSET, bias, out_dtype=torch.float32)
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+@group_linear.register_fake
+def _(x, weight, weight_scale, bias, input_scale, input_zero_point, qmin, qmax):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 @torch.library.custom_op("lowbit_triton::log2_attention", mutates_args=())
 def log2_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, levels: int, start_token: int,
                       probs_scale: Tensor | None) -> Tensor:
@@ -71,7 +98,11 @@ def _(q, k, v, scale, levels, start_token, probs_scale):
 
 def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     reason = int8_form(node)
-    return (linear_reference, reason) if reason else (torch.ops.lowbit_triton.int8_linear.default, None)
+    if reason is None:
+        return torch.ops.lowbit_triton.int8_linear.default, None
+    if reason == CHANNEL_GROUPED and node.args[6] >= 0 and node.args[7] < 256 and node.args[5] is not None:
+        return torch.ops.lowbit_triton.group_linear.default, None
+    return linear_reference, reason
 
 
 def _attention_kernel(q, k, v, attn_mask, scale, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax,

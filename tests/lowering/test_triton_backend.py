@@ -16,8 +16,8 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("recipe, kernels", [("minmax-w8a8", {"quantized_linear"}), ("dgq-w8a8", {"quantized_attention"})])
-def test_triton_target_matches_eager_quantized(recipe, kernels):
+@pytest.mark.parametrize("recipe", ["minmax-w8a8", "dgq-w8a8"])
+def test_triton_target_matches_eager_quantized(recipe):
     torch._dynamo.reset()
     model = build("pixart")
     calibration = calibration_set("pixart")
@@ -29,7 +29,12 @@ def test_triton_target_matches_eager_quantized(recipe, kernels):
     # Same bound as the CPU target (tests/lowering/test_cpu_backend.py): a tenth of the
     # quantization error, since a float-rounding difference can flip one integer step.
     assert _relative(out, eager) < 0.1 * _relative(eager, fp)
+    # every linear runs a Triton GEMM (DGQ's channel-grouped ones the group GEMM), and every
+    # log2 attention (DGQ) the log2 kernel: this model's attention takes no mask
     report = compile_reports()[-1].translation
-    assert set(report.lowered) == kernels
-    if recipe.startswith("dgq"):  # cross-attention carries the text mask, which the log2 kernel does not take
-        assert {f.reason for f in report.fallbacks if f.op == "quantized_attention"} == {"attention mask: the log2 kernel takes none"}
+    ops = [n.target._opname for n in qmodel.graph_module.graph.nodes if n.target in (
+        torch.ops.lowbit.quantized_linear.default, torch.ops.lowbit.quantized_attention.default)]
+    expected = {"quantized_linear": ops.count("quantized_linear")}
+    if recipe.startswith("dgq"):
+        expected["quantized_attention"] = ops.count("quantized_attention")
+    assert dict(report.lowered) == expected and not report.fallbacks
