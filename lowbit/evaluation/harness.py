@@ -4,10 +4,16 @@ The FP reference, a quantized denoiser or a VAR model are all just samplers, so 
 prompts and seeds go to each and their images can also be compared pixel by pixel (PSNR).
 FID is measured against the held-out real digits in the classifier's feature space; alignment
 is measured for the phrasings seen in training and for held-out phrasings.
+
+FID is reported but is not one of the KEPT_METRICS that rank models: it measures distance from the
+real digits, and the full-precision reference (CFG 3.0) sits far from them because guidance
+exaggerates class prototypes, so quantization noise that blurs the prototypes can lower it
+(bench/fid_guidance.py measures this; README, "Do the metrics order the obvious cases?").
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -19,9 +25,16 @@ from lowbit.evaluation.metrics import alignment, frechet_distance, inception_sco
 from lowbit.models import digits
 from lowbit.models.classifier import DigitClassifier, load_classifier
 
-__all__ = ["Sampler", "EvalResult", "prompt_set", "evaluate", "real_vs_real_fid", "blob_sampler", "main"]
+__all__ = [
+    "Sampler", "EvalResult", "KEPT_METRICS", "prompt_set", "evaluate", "real_vs_real_fid", "blob_sampler",
+    "in_order", "alignment_slack", "main",
+]
 
 Sampler = Callable[[list[str], list[int]], torch.Tensor]
+
+# Metric -> higher is better, for the metrics that rank models. Each orders full precision, W8A8,
+# W4A4 and an untrained model as it must (bench/metric_ordering.py). FID is left out on purpose.
+KEPT_METRICS = {"inception_score": True, "alignment_seen": True, "alignment_heldout": True, "psnr_vs_fp": True}
 
 
 @dataclass(frozen=True)
@@ -112,6 +125,23 @@ def real_vs_real_fid(classifier: DigitClassifier | None = None) -> float:
     order = torch.argsort(y, stable=True)  # interleave within classes so both halves are balanced
     feats = clf.features(x[order])
     return frechet_distance(feats[0::2], feats[1::2])
+
+
+def in_order(values: list[float], higher_is_better: bool = True, slack: list[float] | None = None) -> bool:
+    """Whether ``values`` (best model first) never get better down the list.
+
+    ``slack[i]`` lets model i + 1 beat model i by that much (sampling noise); none by default.
+    """
+    quality = [v if higher_is_better else -v for v in values]
+    slack = slack if slack is not None else [0.0] * (len(values) - 1)
+    if len(slack) != len(values) - 1:
+        raise ValueError(f"{len(slack)} slacks for {len(values)} values")
+    return all(b - a <= s for a, b, s in zip(quality, quality[1:], slack))
+
+
+def alignment_slack(p_a: float, p_b: float, n: int, z: float = 2.0) -> float:
+    """z standard errors of the difference of two alignment fractions, each measured on n images."""
+    return z * math.sqrt((p_a * (1 - p_a) + p_b * (1 - p_b)) / n)
 
 
 def blob_sampler(prompts: list[str], seeds: list[int]) -> torch.Tensor:

@@ -12,7 +12,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-__all__ = ["frechet_distance", "inception_score", "alignment", "psnr"]
+__all__ = ["frechet_distance", "inception_score", "alignment", "psnr", "class_spread"]
 
 
 def _np(x) -> np.ndarray:
@@ -54,3 +54,19 @@ def psnr(a, b, data_range: float = 2.0) -> float:
     """Peak signal-to-noise ratio in dB for images in [-1, 1] (data range 2); inf when identical."""
     mse = float(((_np(a) - _np(b)) ** 2).mean())
     return float("inf") if mse == 0.0 else float(10.0 * np.log10(data_range**2 / mse))
+
+
+def class_spread(feats, labels) -> tuple[float, float]:
+    """(between, within): how far apart the class means are and how spread each class is.
+
+    between = mean over classes c of ||mu_c - mean_c' mu_c'||^2; within = mean over classes of
+    Tr(cov_c). Classifier-free guidance pushes samples towards exaggerated class prototypes, which
+    raises `between` and lowers `within` against real data; the Frechet distance sees that as
+    distance from the real digits even when every sample is well formed and correctly classified.
+    """
+    f, y = _np(feats), _np(labels)
+    classes = np.unique(y)
+    means = np.stack([f[y == c].mean(0) for c in classes])
+    between = float(((means - means.mean(0)) ** 2).sum(1).mean())
+    within = float(np.mean([np.trace(np.atleast_2d(np.cov(f[y == c], rowvar=False))) for c in classes]))
+    return between, within

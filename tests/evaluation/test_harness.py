@@ -1,3 +1,5 @@
+import torch
+
 from lowbit.evaluation.harness import blob_sampler, evaluate, real_vs_real_fid
 from lowbit.models.reference import load_reference_model, make_sampler
 
@@ -20,3 +22,60 @@ def test_blob_baseline_is_far_above_the_real_floor():
     # blobs carry no digit identity: chance alignment (~10%) and FID many times the floor
     assert blobs.fid > 10 * floor
     assert blobs.alignment_seen < 0.3
+
+
+def test_fid_is_not_a_kept_metric():
+    from lowbit.evaluation.harness import KEPT_METRICS
+
+    assert "fid" not in KEPT_METRICS
+    assert KEPT_METRICS == {"inception_score": True, "alignment_seen": True, "alignment_heldout": True,
+                            "psnr_vs_fp": True}
+
+
+def test_in_order_strict_and_within_slack():
+    from lowbit.evaluation.harness import alignment_slack, in_order
+
+    assert in_order([0.99, 0.95, 0.1])
+    assert not in_order([0.9867, 0.99, 0.93])  # the second model is better by one image in 300
+    assert in_order([1.0, 2.0, 5.0], higher_is_better=False)
+    assert not in_order([2.0, 1.0], higher_is_better=False)
+    slack = alignment_slack(0.9867, 0.99, 300)
+    assert 0.015 < slack < 0.02  # 2 * sqrt((0.9867 * 0.0133 + 0.99 * 0.01) / 300)
+    assert in_order([0.9867, 0.99, 0.93], slack=[slack, alignment_slack(0.99, 0.93, 300)])
+    assert not in_order([0.93, 0.99], slack=[alignment_slack(0.93, 0.99, 300)])  # 6 points is not noise
+
+
+def _fid_to_heldout(images):
+    from lowbit.evaluation.metrics import frechet_distance
+    from lowbit.models import digits
+    from lowbit.models.classifier import load_classifier
+
+    clf = load_classifier()
+    real, _ = digits.load_split("heldout")
+    with torch.no_grad():
+        return frechet_distance(clf.features(images), clf.features(real))
+
+
+def test_fid_rises_with_noise_on_real_digits():
+    """The feature space is sound where the samples look like the real data: damage raises FID."""
+    from lowbit.models import digits
+
+    x, _ = digits.load_split("train")
+    g = torch.Generator().manual_seed(0)
+    fids = [_fid_to_heldout((x + s * torch.randn(x.shape, generator=g)).clamp(-1, 1)) for s in (0.0, 0.2, 0.35, 0.5)]
+    assert all(a < b for a, b in zip(fids, fids[1:])), fids
+    assert fids[-1] > 10 * fids[0]
+
+
+def test_fid_falls_with_noise_on_exaggerated_digits():
+    """Why FID is not kept: from a set displaced the way guidance displaces the FP samples (class
+    features inflated: contrast x1.5 gives between-class spread ~1,400 against the real ~1,100;
+    the FP samples reach ~1,800), pixel noise moves the features back, so damage *lowers* FID."""
+    from lowbit.models import digits
+
+    x, _ = digits.load_split("train")
+    exaggerated = (x * 1.5 + 0.5).clamp(-1, 1)
+    g = torch.Generator().manual_seed(0)
+    noisy = (exaggerated + 0.3 * torch.randn(x.shape, generator=g)).clamp(-1, 1)
+    clean_fid, noisy_fid = _fid_to_heldout(exaggerated), _fid_to_heldout(noisy)
+    assert noisy_fid < 0.5 * clean_fid, (clean_fid, noisy_fid)  # measured: 128 -> 42

@@ -4,7 +4,7 @@ import numpy as np
 import scipy.linalg
 import torch
 
-from lowbit.evaluation.metrics import alignment, frechet_distance, inception_score, psnr
+from lowbit.evaluation.metrics import alignment, class_spread, frechet_distance, inception_score, psnr
 
 
 def test_frechet_of_a_set_with_itself_is_zero():
@@ -39,3 +39,11 @@ def test_psnr():
     assert psnr(x, x) == math.inf
     # constant offset 0.1: MSE = 0.01, PSNR = 10 log10(2^2 / 0.01) = 26.02 dB
     assert abs(psnr(x, x + 0.1) - 10 * math.log10(4 / 0.01)) < 1e-4
+
+
+def test_class_spread_on_known_points():
+    # class 0: (0,0), (2,0) -> mean (1,0), Tr cov 2; class 1: (10,0), (10,2) -> mean (10,1), Tr cov 2
+    feats = np.array([[0.0, 0.0], [2.0, 0.0], [10.0, 0.0], [10.0, 2.0]])
+    between, within = class_spread(feats, np.array([0, 0, 1, 1]))
+    assert abs(between - (4.5**2 + 0.5**2)) < 1e-9  # both means are (4.5, 0.5) from their centre
+    assert abs(within - 2.0) < 1e-9
