@@ -10,6 +10,8 @@ it approximates. This bench samples the FP model at several guidance scales and 
 baseline at guidance 3 and 1, on the harness's seen prompts and seeds, and reports FID against
 the held-out real digits, IS, alignment, and the between-class / within-class spread of the
 classifier features (lowbit.evaluation.metrics.class_spread) beside those of the real digits.
+It also adds plain Gaussian pixel noise to the FP images at guidance 3 and 1 (PSNR against the
+clean images in the name): damage that any sound quality metric must penalize.
 Writes bench/results/fid_guidance.md.
 
     .venv/bin/python bench/fid_guidance.py [--samples 300]
@@ -25,7 +27,7 @@ import torch
 
 from lowbit.evaluate import calibrate_reference
 from lowbit.evaluation.harness import _generate, prompt_set, real_vs_real_fid
-from lowbit.evaluation.metrics import alignment, class_spread, frechet_distance, inception_score
+from lowbit.evaluation.metrics import alignment, class_spread, frechet_distance, inception_score, psnr
 from lowbit.models import digits
 from lowbit.models.classifier import load_classifier
 from lowbit.models.reference import DEFAULT_GUIDANCE, load_reference_model, make_sampler
@@ -34,6 +36,8 @@ from lowbit.recipes import get_recipe
 
 FP_GUIDANCE = (1.0, 1.5, 2.0, DEFAULT_GUIDANCE)
 W4A4_GUIDANCE = (DEFAULT_GUIDANCE, 1.0)
+NOISE_SIGMAS = (0.1, 0.2, 0.3)  # added to the FP images at these guidance scales:
+NOISE_GUIDANCE = (DEFAULT_GUIDANCE, 1.0)
 
 
 @torch.no_grad()
@@ -57,16 +61,29 @@ def main() -> None:
              f"| held-out real digits ({len(real_y)}) | {real_vs_real_fid(clf):.1f} (two halves) | "
              f"{inception_score(clf.logits(real_x).softmax(-1)):.3f} | "
              f"{alignment(clf.logits(real_x).argmax(-1), real_y):.3f} | {between:.0f} | {within:.0f} | – |"]
-    for name, denoiser, guidance in runs:
-        start = time.perf_counter()
-        images = _generate(make_sampler(denoiser, guidance=guidance), prompts, seeds, 50, name)
+
+    def row(name: str, images: torch.Tensor, seconds: float | None) -> None:
         feats = clf.features(images)
         probs = clf.head(feats).softmax(-1)
         between, within = class_spread(feats, labels)
         lines.append(f"| {name} | {frechet_distance(feats, real_f):.1f} | {inception_score(probs):.3f} | "
                      f"{alignment(probs.argmax(-1), labels):.3f} | {between:.0f} | {within:.0f} | "
-                     f"{time.perf_counter() - start:.0f} |")
+                     f"{'–' if seconds is None else f'{seconds:.0f}'} |")
         print(lines[-1], flush=True)
+
+    noisy = []
+    for name, denoiser, guidance in runs:
+        start = time.perf_counter()
+        images = _generate(make_sampler(denoiser, guidance=guidance), prompts, seeds, 50, name)
+        row(name, images, time.perf_counter() - start)
+        if denoiser is model and guidance in NOISE_GUIDANCE:
+            for sigma in NOISE_SIGMAS:
+                g = torch.Generator().manual_seed(0)
+                damaged = (images + sigma * torch.randn(images.shape, generator=g)).clamp(-1.0, 1.0)
+                db = sum(psnr(a, b) for a, b in zip(damaged, images)) / len(images)
+                noisy.append((f"{name} + pixel noise σ={sigma:g} ({db:.1f} dB)", damaged))
+    for name, images in noisy:
+        row(name, images, None)
     text = "\n".join(lines) + "\n"
     print(text)
     path = Path(__file__).parent / "results" / "fid_guidance.md"
