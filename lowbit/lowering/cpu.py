@@ -8,15 +8,17 @@ epilogue, which inductor fuses with the quantizer prologue:
     y[m, n] = s_x[m] * s_w[n] * (sum_k (q[m, k] - c) w[n, k] - (z[m] - c) * sum_k w[n, k]) + b[n]
 
 The integer sum is exact, so the result equals the reference ``quantized_linear`` up to float32
-rounding of the final scale. Cases with no int8 form here run the reference arithmetic, and the
-translation report names them: activations wider than 8 bits, and DGQ channel groups (a scale
-that varies along the reduced dimension cannot leave the integer sum; the Triton target has a
-group GEMM for those). Everything else (attention, convolutions, fake quantizers) is the
-reference arithmetic, inlined for inductor to fuse.
+rounding of the final scale. DGQ's channel groups give each input channel its own (scale, zero
+point), G distinct pairs: the channels are reordered group by group once per grouping, and each
+group's integer partial sum gets its own parameters (``group_linear``). Activations wider than
+8 bits have no int8 form and run the reference arithmetic; the translation report names them.
+Everything else (attention, convolutions, fake quantizers) is the reference arithmetic, inlined
+for inductor to fuse.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
@@ -25,7 +27,7 @@ from torch import Tensor
 
 from lowbit.ir.ops import linear_reference
 
-__all__ = ["CHANNEL_GROUPED", "CPU_TRANSLATIONS", "int8_linear", "int8_form"]
+__all__ = ["CHANNEL_GROUPED", "CPU_TRANSLATIONS", "channel_groups", "group_linear", "int8_form", "int8_linear"]
 
 _INT8_LEVELS = 256
 CHANNEL_GROUPED = "channel-grouped input scale (DGQ groups) varies along the reduced dimension"
@@ -49,6 +51,56 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
+def channel_groups(input_scale: Tensor, input_zero_point: Tensor) -> tuple[Tensor, Tensor]:
+    """DGQ's per-channel parameters as G distinct (scale, zero point) rows [G, 2] and each
+    channel's group label [K]."""
+    pairs = torch.stack([input_scale.float().reshape(-1), input_zero_point.float().reshape(-1)], 1)
+    return torch.unique(pairs, dim=0, return_inverse=True)
+
+
+_LAYOUTS: "weakref.WeakKeyDictionary[Tensor, dict[bytes, tuple]]" = weakref.WeakKeyDictionary()
+
+
+def _group_layout(weight: Tensor, labels: Tensor, groups: int) -> tuple[Tensor, Tensor, list[int], Tensor]:
+    """Channel order (group by group), the reordered weight, group boundaries, per-group weight sums."""
+    layouts = _LAYOUTS.setdefault(weight, {})
+    key = labels.to(torch.int16).numpy().tobytes()
+    if key not in layouts:
+        order = torch.sort(labels, stable=True).indices
+        bounds = [0, *torch.bincount(labels, minlength=groups).cumsum(0).tolist()]
+        reordered = weight[:, order].contiguous()
+        sums = torch.stack([reordered[:, a:b].sum(1, dtype=torch.int32) for a, b in zip(bounds, bounds[1:])])
+        layouts[key] = (order, reordered, bounds, sums)
+    return layouts[key]
+
+
+@torch.library.custom_op("lowbit_cpu::group_linear", mutates_args=())
+def group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
+                 input_zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+    """``lowbit.quantized_linear`` with DGQ channel groups: one int8 GEMM per group, summed."""
+    groups, labels = channel_groups(input_scale, input_zero_point)
+    order, reordered, bounds, sums = _group_layout(weight, labels, groups.shape[0])
+    rows = x.reshape(-1, x.shape[-1]).float()[:, order]
+    shift = (qmin + qmax + 1) // 2
+    y = torch.zeros(rows.shape[0], weight.shape[0])
+    for g, (a, b) in enumerate(zip(bounds, bounds[1:])):
+        if a == b:
+            continue
+        scale, zero_point = groups[g, 0], groups[g, 1]
+        q = (torch.clamp(torch.round(rows[:, a:b] / scale) + zero_point, qmin, qmax) - shift).to(torch.int8)
+        acc = torch._int_mm(q, reordered[:, a:b].t()) - (int(zero_point) - shift) * sums[g]
+        y += scale * acc.float()
+    y = y * weight_scale.float()
+    if bias is not None:
+        y = y + bias
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+@group_linear.register_fake
+def _(x, weight, weight_scale, bias, input_scale, input_zero_point, qmin, qmax):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
 def _shape(node: object) -> tuple[int, ...] | None:
     if not isinstance(node, torch.fx.Node):
         return None
@@ -65,13 +117,17 @@ def int8_form(node: torch.fx.Node) -> str | None:
         return f"{(qmax - qmin + 1).bit_length() - 1}-bit activations do not fit int8"
     weight_shape, scale_shape = _shape(weight), _shape(scale)
     if weight_shape is not None and scale_shape and scale_shape[-1] != 1 and scale_shape[-1] == weight_shape[1]:
-        return CHANNEL_GROUPED
+        return CHANNEL_GROUPED if node.args[5] is not None else "channel-grouped input without zero points"
     return None
 
 
 def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     reason = int8_form(node)
-    return (linear_reference, reason) if reason else (int8_linear, None)
+    if reason is None:
+        return int8_linear, None
+    if reason == CHANNEL_GROUPED:
+        return torch.ops.lowbit_cpu.group_linear.default, None
+    return linear_reference, reason
 
 
 CPU_TRANSLATIONS = {torch.ops.lowbit.quantized_linear.default: _linear}

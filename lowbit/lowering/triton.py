@@ -23,7 +23,7 @@ from lowbit.kernels.group_gemm import GroupedWeight, group_gemm, prepare_grouped
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.log2_attention import log2_attention
 from lowbit.kernels.quantize_activation import quantize_static
-from lowbit.lowering.cpu import CHANNEL_GROUPED, int8_form
+from lowbit.lowering.cpu import CHANNEL_GROUPED, channel_groups, int8_form
 
 __all__ = ["TRITON_TRANSLATIONS"]
 
@@ -66,8 +66,7 @@ def group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor |
     The pairs become G groups; the weight is reordered group-contiguous once per grouping (a
     per-timestep grouping gives one layout per calibrated timestep) and the group GEMM applies
     each group's parameters to its own integer partial sum."""
-    pairs = torch.stack([input_scale.float().reshape(-1), input_zero_point.float().reshape(-1)], 1)
-    groups, labels = torch.unique(pairs, dim=0, return_inverse=True)
+    groups, labels = channel_groups(input_scale, input_zero_point)
     layouts = _GROUPED.setdefault(weight, {})
     key = labels.to(torch.int16).cpu().numpy().tobytes()
     if key not in layouts:
@@ -100,7 +99,7 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     reason = int8_form(node)
     if reason is None:
         return torch.ops.lowbit_triton.int8_linear.default, None
-    if reason == CHANNEL_GROUPED and node.args[6] >= 0 and node.args[7] < 256 and node.args[5] is not None:
+    if reason == CHANNEL_GROUPED:
         return torch.ops.lowbit_triton.group_linear.default, None
     return linear_reference, reason
 

@@ -8,7 +8,7 @@ import torch
 import lowbit
 from lowbit.ir.ops import linear_reference
 from lowbit.lowering.backend import BackendOptions, compile_reports
-from lowbit.lowering.cpu import int8_linear
+from lowbit.lowering.cpu import group_linear, int8_linear
 from lowbit.models.reference import load_reference_model
 from lowbit.models.tiny import build
 from tests.conftest import calibration_set
@@ -36,6 +36,20 @@ def test_int8_linear_equals_reference(m, k, n, scale_shape, bits):
     torch.testing.assert_close(int8_linear(*args), linear_reference(*args), rtol=1e-5, atol=1e-4)
 
 
+def test_group_linear_equals_reference():
+    """DGQ channel groups: three (scale, zero point) pairs scattered over the input channels."""
+    g = torch.Generator().manual_seed(1)
+    m, k, n = 29, 48, 19
+    x = torch.randn(m, k, generator=g) * 2
+    weight = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    labels = torch.randint(0, 3, (k,), generator=g)
+    scale = torch.tensor([0.01, 0.03, 0.1])[labels]
+    zero_point = torch.tensor([100.0, 128.0, 7.0])[labels]
+    args = (x, weight, torch.rand(n, generator=g) / 100, torch.randn(n, generator=g), scale, zero_point, 0, 255)
+    # exact integer partial sums; float32 rounding of the reference's matmul and of the G-term sum
+    torch.testing.assert_close(group_linear(*args), linear_reference(*args), rtol=1e-5, atol=1e-4)
+
+
 def test_backend_options_are_checked():
     with pytest.raises(ValueError, match="unknown option"):
         BackendOptions.parse({"recipes": "minmax-w8a8"})
@@ -54,22 +68,31 @@ def _reference_calibration(model, prompts=2, steps=3):
 # A quantized network is discontinuous: inductor's fused float arithmetic may put x / s on the
 # other side of a rounding boundary than the eager reference, one integer step for a few
 # values, and that propagates. So the compiled module is held to a fraction of the quantization
-# error itself: its distance to the eager quantized module must be under a tenth of the eager
-# module's distance to full precision (measured: 0.1% to 4% of it).
+# error itself: its distance to the reference must be under a tenth of the eager quantized
+# module's distance to full precision (measured: 0.1% to 4% of it). DGQ's log2 attention
+# quantizer (factor-2 steps) makes the reference model sensitive even to how inductor computes
+# the layers lowbit leaves alone (layer norms, GELU: 0.036 relative with every lowbit op left
+# opaque, 0.0 under aot_eager), so there the reference is the same quantized module compiled by
+# plain inductor, and the bound is half the quantization error (measured: 0.24 of it); the
+# group GEMM itself is checked exactly above.
 _FRACTION_OF_QUANTIZATION_ERROR = 0.1
+_FRACTION_FOR_LOG2_ATTENTION = 0.5
 
 
-def test_compiled_reference_model_matches_eager_quantized():
+@pytest.mark.parametrize("recipe", ["minmax-w8a8", "dgq-w8a8"])
+def test_compiled_reference_model_matches_eager_quantized(recipe):
     torch._dynamo.reset()
     model = load_reference_model()
     calibration = _reference_calibration(model)
-    qmodel = lowbit.quantize(model, "minmax-w8a8", calibration, progress=False)
-    compiled = torch.compile(qmodel, backend="lowbit")
+    qmodel = lowbit.quantize(model, recipe, calibration, progress=False)
     args, kwargs = calibration[-1]
     with torch.no_grad():
-        out, eager, fp = compiled(*args, **kwargs)[0], qmodel(*args, **kwargs)[0], model(*args, **kwargs)[0]
-    assert _relative(out, eager) < _FRACTION_OF_QUANTIZATION_ERROR * _relative(eager, fp)
-    report = compile_reports()[-1].translation
+        out = torch.compile(qmodel, backend="lowbit")(*args, **kwargs)[0]
+        report = compile_reports()[-1].translation
+        eager, fp = qmodel(*args, **kwargs)[0], model(*args, **kwargs)[0]
+        reference = eager if recipe.startswith("minmax") else torch.compile(qmodel)(*args, **kwargs)[0]
+    bound = _FRACTION_OF_QUANTIZATION_ERROR if recipe.startswith("minmax") else _FRACTION_FOR_LOG2_ATTENTION
+    assert _relative(out, reference) < bound * _relative(eager, fp)
     linears = sum(1 for n in qmodel.graph_module.graph.nodes if n.target is torch.ops.lowbit.quantized_linear.default)
     assert report.lowered["quantized_linear"] == linears and not report.fallbacks
 
