@@ -117,12 +117,13 @@ def _new_graph_breaks() -> dict[str, int]:
 def _record(report: CompileReport) -> None:
     _REPORTS.append(report)
     log.info(report.summary())
-    if report.translation.fallbacks or report.recompilation or report.new_graph_breaks:
-        warnings.warn(report.summary() + ("" if not (report.recompilation or report.new_graph_breaks) else
-                      ". torch._dynamo.explain(model)(*inputs) shows where and why."), stacklevel=3)
+    if report.recompilation or report.new_graph_breaks:
+        warnings.warn(report.summary() + "; torch._dynamo.explain(model)(*inputs) shows where and why", stacklevel=3)
+    elif report.translation.fallbacks:
+        warnings.warn(report.summary(), stacklevel=3)
 
 
-def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None, **_: Any) -> Callable:
+def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict | None = None) -> Callable:
     """The dynamo backend registered as "lowbit" (entry point ``torch_dynamo_backends``)."""
     from torch._inductor.compile_fx import compile_fx
 
