@@ -1,0 +1,118 @@
+"""``lowbit.export_onnx``: a quantized model as the QDQ ONNX graph the QNN HTP runs.
+
+One graph per timestep: the quantized graph is specialized to the example inputs' timestep
+(its per-timestep scales and its timestep embedding become constants, specialize.py), emitted
+with lowbit's numerics (emit.py), its full-precision tensors measured on the calibration inputs of
+that timestep (calibrate.py) and made an integer-only QDQ graph (legalize.py).
+``export_schedule`` writes the graphs of a whole sampling schedule into one folder with a
+manifest; ``compile_context`` (context.py) compiles them into one context binary whose weights
+QNN stores once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import onnx
+import torch
+
+from lowbit.ir.capture import normalize_inputs
+from lowbit.lowering.onnx_qnn.calibrate import tensor_ranges
+from lowbit.lowering.onnx_qnn.emit import emit
+from lowbit.lowering.onnx_qnn.legalize import legalize
+from lowbit.lowering.onnx_qnn.specialize import flat_inputs, specialize
+
+__all__ = ["MANIFEST", "TARGETS", "ExportResult", "export_onnx", "export_schedule", "graph_name"]
+
+TARGETS = ("qnn-htp",)
+MANIFEST = "manifest.json"
+TIMESTEP_KEY, INPUTS_KEY, RECIPE_KEY = "lowbit.timestep", "lowbit.inputs", "lowbit.recipe"
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    path: Path
+    timestep: float | None
+    batch: int
+    nodes: int
+    bytes: int
+    calibration_batches: int
+
+
+def graph_name(timestep: float | None) -> str:
+    return "model.onnx" if timestep is None else f"t{timestep:g}.onnx"
+
+
+def _timestep(sample: dict, timestep_arg: str | None) -> float | None:
+    if timestep_arg is None or timestep_arg not in sample:
+        return None
+    return float(torch.as_tensor(sample[timestep_arg]).reshape(-1)[0])
+
+
+def _batched(qmodel, inputs: dict, calibration: Iterable | None, timestep: float | None) -> list[dict[str, np.ndarray]]:
+    """The example plus the calibration samples of the nearest calibrated timestep, in batches of the
+    example's size (the HTP graph's batch is static), as float arrays by placeholder name."""
+    gm, arg = qmodel.graph_module, qmodel.timestep_arg
+    example = flat_inputs(gm, inputs)
+    batch = next(v.shape[0] for v in example.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
+    samples = [normalize_inputs(qmodel.original, a, k, arg) for a, k in (calibration or [])]
+    if samples and timestep is not None:
+        steps = np.array([_timestep(s, arg) for s in samples])
+        nearest = steps[np.argmin(np.abs(steps - timestep))]
+        samples = [s for s, t in zip(samples, steps) if t == nearest]
+    specs = flat_inputs(gm, qmodel.signature.inputs)
+    batched = {k for k, spec in specs.items() if getattr(spec, "shape", (0,))[:1] == (None,)}
+    rows = {k: torch.cat([flat_inputs(gm, s)[k] for s in samples]) for k in batched} if samples else {}
+    feeds = [example]
+    total = next(iter(rows.values())).shape[0] if rows else 0
+    for start in range(0, total - batch + 1, batch):
+        feeds.append({k: rows[k][start:start + batch] if k in rows else v for k, v in example.items()})
+    runtime = [k for k, v in example.items() if isinstance(v, torch.Tensor) and k != arg]
+    return [{k: f[k].float().numpy() for k in runtime} for f in feeds]
+
+
+def export_onnx(qmodel, args: tuple = (), kwargs: dict[str, Any] | None = None, path: str | Path = "model.onnx",
+                target: str = "qnn-htp", *, calibration: Iterable | None = None, fp_weight_bits: int = 16) -> ExportResult:
+    """Write ``qmodel`` (a :class:`lowbit.QuantizedModel`) as a QDQ ONNX model for ``target``.
+
+    ``args``/``kwargs`` are example inputs for ``qmodel.forward``: they fix the static batch size
+    and the timestep the graph serves. ``calibration`` (the samples given to ``lowbit.quantize``)
+    sets the 16-bit ranges of the tensors lowbit keeps in full precision; without it the example
+    alone does. The graph's inputs and outputs are integer tensors: see ``IOCodec``.
+    """
+    if target not in TARGETS:
+        raise ValueError(f"unknown export target {target!r}; supported: {', '.join(TARGETS)}")
+    inputs = normalize_inputs(qmodel.original, args, kwargs or {}, qmodel.timestep_arg)
+    qmodel.signature.check(inputs, "export_onnx example")
+    spec = specialize(qmodel.graph_module, inputs, qmodel.timestep_arg)
+    batch = next(v.shape[0] for v in spec.inputs.values() if v.dim() > 0)
+    metadata = {TIMESTEP_KEY: "" if spec.timestep is None else f"{spec.timestep:g}", RECIPE_KEY: qmodel.recipe.name,
+                INPUTS_KEY: json.dumps({k: list(v.shape) for k, v in spec.inputs.items()})}
+    model = emit(spec, type(qmodel.original).__name__, metadata)
+    feeds = _batched(qmodel, inputs, calibration, spec.timestep)
+    model = legalize(model, tensor_ranges(model, feeds), fp_weight_bits=fp_weight_bits)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(path))
+    return ExportResult(path, spec.timestep, batch, len(model.graph.node), path.stat().st_size, len(feeds))
+
+
+def export_schedule(qmodel, args: tuple, kwargs: dict[str, Any], folder: str | Path, timesteps: Iterable[float], *,
+                    calibration: Iterable | None = None, fp_weight_bits: int = 16) -> list[ExportResult]:
+    """One graph per timestep of a sampling schedule, and ``manifest.json`` mapping timesteps to files."""
+    folder = Path(folder)
+    calibration = list(calibration or [])
+    results = []
+    for t in timesteps:
+        kw = dict(kwargs)
+        kw[qmodel.timestep_arg] = torch.full_like(torch.as_tensor(kwargs[qmodel.timestep_arg], dtype=torch.float32).reshape(-1), float(t))
+        results.append(export_onnx(qmodel, args, kw, folder / graph_name(float(t)), calibration=calibration,
+                                   fp_weight_bits=fp_weight_bits))
+    manifest = {"target": "qnn-htp", "recipe": qmodel.recipe.name, "batch": results[0].batch,
+                "graphs": {f"{r.timestep:g}": r.path.name for r in results}}
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    return results

@@ -1,0 +1,103 @@
+"""onnxruntime sessions on the QNN HTP backend, as measured on this machine (DESIGN.md).
+
+onnxruntime-qnn 2.x is a plugin execution provider: it is registered once per process, its
+device picked by ``ep_name``, and the HTP needs the target named (v79 / SoC 69, the Snapdragon
+8 Elite) or finalizing fails. ``session.disable_cpu_ep_fallback=1`` turns any node the HTP cannot
+take into a session error — the test of "QNN-ready". ``ep.context_enable=1`` writes the EPContext
+model (an ONNX file with one EPContext node) and the context binary a phone loads.
+
+The graph's inputs and outputs are integer tensors (legalize.py); ``IOCodec`` quantizes inputs and
+dequantizes outputs on the host, in float32, with the grids recorded in the model.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+from lowbit.lowering.onnx_qnn.legalize import IO_KEY
+
+__all__ = ["EP_NAME", "HTP_OPTIONS", "IOCodec", "htp_session", "register_qnn"]
+
+EP_NAME = "QNNExecutionProvider"
+HTP_OPTIONS = {"backend_type": "htp", "htp_arch": "79", "soc_model": "69"}
+_registered = False
+
+
+def register_qnn() -> None:
+    """Register the onnxruntime-qnn plugin with onnxruntime (once per process)."""
+    global _registered
+    if _registered:
+        return
+    import onnxruntime_qnn
+
+    if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
+        ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
+    _registered = True
+
+
+def htp_session(model: str | Path | bytes, *, cpu_fallback: bool = False, context_path: str | Path | None = None,
+                share_context: bool = False, last_shared: bool = False, record_placement: bool = False,
+                extra_options: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A session on the HTP (v79 / SoC 69).
+
+    ``context_path`` writes the EPContext model there (and its .bin beside it); ``share_context``
+    puts this session's graph in one QNN context with the other sharing sessions, whose weights QNN
+    then stores once; the session marked ``last_shared`` writes that shared context binary.
+    """
+    register_qnn()
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if not cpu_fallback:
+        options.add_session_config_entry("session.disable_cpu_ep_fallback", "1")
+    if record_placement:
+        options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")
+    if context_path is not None:
+        options.add_session_config_entry("ep.context_enable", "1")
+        options.add_session_config_entry("ep.context_file_path", str(context_path))
+        options.add_session_config_entry("ep.context_embed_mode", "0")
+    if share_context:
+        options.add_session_config_entry("ep.share_ep_contexts", "1")
+        if last_shared:
+            options.add_session_config_entry("ep.stop_share_ep_contexts", "1")
+    devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
+    options.add_provider_for_devices(devices, {**HTP_OPTIONS, **(extra_options or {})})
+    source = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(source, options)
+
+
+@dataclass(frozen=True)
+class IOCodec:
+    """The integer grids of a legalized model's inputs and outputs."""
+
+    grids: dict[str, dict]
+
+    @classmethod
+    def of(cls, model: onnx.ModelProto | str | Path) -> IOCodec:
+        if not isinstance(model, onnx.ModelProto):
+            model = onnx.load(str(model), load_external_data=False)
+        value = next((p.value for p in model.metadata_props if p.key == IO_KEY), None)
+        if value is None:
+            raise ValueError("the model has no lowbit I/O grids: export it with lowbit.export_onnx")
+        return cls(json.loads(value))
+
+    def encode(self, name: str, value: np.ndarray) -> np.ndarray:
+        g = self.grids[name]
+        dtype = np.dtype(g["dtype"])
+        codes = np.round(np.asarray(value, np.float32) / np.float32(g["scale"])) + g["zero_point"]
+        return np.clip(codes, np.iinfo(dtype).min, np.iinfo(dtype).max).astype(dtype)
+
+    def decode(self, name: str, codes: np.ndarray) -> np.ndarray:
+        g = self.grids[name]
+        return ((codes.astype(np.float32) - np.float32(g["zero_point"])) * np.float32(g["scale"])).astype(np.float32)
+
+    def run(self, session: ort.InferenceSession, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Run with float inputs and get float outputs."""
+        names = [o.name for o in session.get_outputs()]
+        codes = session.run(names, {k: self.encode(k, v) for k, v in feeds.items()})
+        return [self.decode(n, c) for n, c in zip(names, codes)]

@@ -1,0 +1,82 @@
+"""Where each node of a QDQ model runs: HTP, CPU fallback, or an HTP float island.
+
+Two checks, both at compile time. (1) onnxruntime's record of which execution provider got each
+node (``session.record_ep_graph_assignment_info``), in a session that allows CPU fallback: a node
+left to the CPU would stop a phone build. (2) The QNN graph the EP built (``dump_json_qnn_graph``):
+an op with a float input or output runs in fp16 on the HTP instead of on lowbit's integer grids
+(measured: such islands made a reference-model call 10x slower and its output 58% wrong). Each
+finding names the ONNX node, its op, the fx node and the lowbit layer it was translated from.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnx
+
+from lowbit.lowering.onnx_qnn.htp import EP_NAME, htp_session
+from lowbit.lowering.onnx_qnn.onnx_graph import provenance
+
+__all__ = ["Misplaced", "cpu_nodes", "float_islands"]
+
+_QNN_FLOAT_CLASS = 0x02  # QNN data types 0x02xx are float16 / float32
+
+
+@dataclass(frozen=True)
+class Misplaced:
+    node: str
+    op: str
+    fx_node: str
+    layer: str
+    where: str  # "cpu" or "htp-float"
+
+    def message(self) -> str:
+        what = "falls back to the CPU" if self.where == "cpu" else "runs in float on the HTP (off lowbit's integer grids)"
+        return (f"ONNX node '{self.node}' (op {self.op}, from fx node '{self.fx_node}', lowbit layer '{self.layer}') {what}. "
+                f"Keep that layer in a form the HTP takes (see lowbit/lowering/onnx_qnn), or report it")
+
+
+def _by_name(model: onnx.ModelProto) -> dict[str, onnx.NodeProto]:
+    return {n.name: n for n in model.graph.node}
+
+
+def _misplaced(node: onnx.NodeProto | None, name: str, op: str, where: str) -> Misplaced:
+    origin = provenance(node) if node is not None else {}
+    return Misplaced(name, op, origin.get("lowbit.fx_node", "?"), origin.get("lowbit.layer", "?"), where)
+
+
+def cpu_nodes(model_path: str | Path) -> list[Misplaced]:
+    """Nodes onnxruntime would run on the CPU (none for a QNN-ready model)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    nodes = _by_name(model)
+    session = htp_session(model_path, cpu_fallback=True, record_placement=True)
+    found = []
+    for subgraph in session.get_provider_graph_assignment_info():
+        if subgraph.ep_name == EP_NAME:
+            continue
+        for n in subgraph.get_nodes():
+            found.append(_misplaced(nodes.get(n.name), n.name, n.op_type, "cpu"))
+    return found
+
+
+def float_islands(model_path: str | Path) -> list[Misplaced]:
+    """HTP ops with a float tensor: Quantize/Dequantize excluded (they convert at the graph's edges)."""
+    model = onnx.load(str(model_path), load_external_data=False)
+    nodes = _by_name(model)
+    with tempfile.TemporaryDirectory() as tmp:
+        htp_session(model_path, extra_options={"dump_json_qnn_graph": "1", "json_qnn_graph_dir": tmp})
+        dumps = [f for f in glob.glob(f"{tmp}/*.json") if not f.endswith("_tensor_log.json")]
+        graphs = [json.loads(Path(f).read_text())["graph"] for f in dumps]
+    found = []
+    for graph in graphs:
+        tensors = graph["tensors"]
+        for name, node in graph["nodes"].items():
+            if node["type"] in ("Quantize", "Dequantize"):
+                continue
+            if any(t in tensors and tensors[t]["data_type"] >> 8 == _QNN_FLOAT_CLASS for t in node["input_names"] + node["output_names"]):
+                found.append(_misplaced(nodes.get(name), name, node["type"], "htp-float"))
+    return found
