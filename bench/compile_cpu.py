@@ -17,6 +17,8 @@ with the timestep embedding in front); (c) the shipped reference model at CFG ba
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import gc
 import os
 import platform
@@ -84,9 +86,17 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
+def _return_freed_memory() -> None:
+    """Fix glibc's mmap threshold at 128 KiB: every large tensor is then its own mapping, returned
+    to the system when freed, so the resident set follows what is allocated."""
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 128 * 1024)
+
+
 def peak_step_bytes(step: Callable[[], object]) -> int:
     """Peak resident memory during one step above what the process held before it, sampled every
-    0.2 ms from /proc (large tensors are mmap-backed, so freed memory leaves the resident set)."""
+    0.2 ms from /proc (see _return_freed_memory)."""
     gc.collect()
     before, peak, done = _rss(), [0], threading.Event()
 
@@ -166,6 +176,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
+    _return_freed_memory()
+    load_at_start = os.getloadavg()[0]
     torch.manual_seed(0)
     sections = []
     if "block" in args.models:
@@ -179,7 +191,10 @@ def main() -> None:
         model = load_reference_model()
         calibration = calibrate_reference(model, prompts=4, steps=5, progress=False)
         sections += measure("shipped reference model, CFG batch 2 x 2 prompts", model, None, args.rounds, calibration)
-    header = [f"Device: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}.", "",
+    load = os.getloadavg()[0]
+    header = [f"Device: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}. "
+              f"Load average (1 min) at the start {load_at_start:.1f}, at the end {load:.1f}: above "
+              f"{os.cpu_count()} other processes shared the cores, which slows every variant and compresses the ratios.", "",
               f"Command: `{' '.join(['.venv/bin/python', 'bench/compile_cpu.py', *sys.argv[1:]])}`", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(header + sections))
