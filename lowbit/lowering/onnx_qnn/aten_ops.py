@@ -84,13 +84,21 @@ def _expand(em, node, a):
 
 
 def _permutation(em, node, x_arg, perm: list[int]):
-    """Transpose; above MAX_RANK, a sequence of 4-D moves on merged axes (one per misplaced axis)."""
+    """Transpose; above MAX_RANK, one Transpose of the axes larger than 1 if they are few enough,
+    else a sequence of 4-D moves on merged axes (one per misplaced axis)."""
     name, physical = em.source(x_arg)
     shape = list(em.value(x_arg).shape)
     if len(shape) <= MAX_RANK:
         if tuple(shape) != physical:
             name = em.graph.node("Reshape", [name, _shape(em, shape)])
         return em.graph.node("Transpose", [name], perm=perm)
+    kept = [d for d in range(len(shape)) if shape[d] > 1]  # size-1 axes do not change the data order
+    if len(kept) <= MAX_RANK:
+        squeezed = [shape[d] for d in kept]
+        moved = em.graph.node("Transpose", [em.graph.node("Reshape", [name, _shape(em, squeezed)])],
+                              perm=[kept.index(d) for d in perm if d in kept])
+        em.views[node] = (moved, tuple(shape[d] for d in perm if d in kept))
+        return moved
     order = list(range(len(shape)))
     for k, axis in enumerate(perm):
         m = order.index(axis)
@@ -147,7 +155,7 @@ def _select(em, node, a):
     return em.graph.node("Gather", [em.tensor(a["self"]), em.graph.constant(np.asarray(index, np.int64), "index")], axis=dim)
 
 
-@_register(aten.cat.default)
+@_register(aten.cat.default, aten.concat.default)
 def _cat(em, node, a):
     tensors = [t for t in a["tensors"] if em.value(t).numel() > 0]
     rank = em.out(node).dim()
@@ -211,15 +219,29 @@ def _einsum(em, node, a):
     return _permutation(em, node, a["tensors"][0], [lhs.index(c) for c in rhs])
 
 
-@_register(aten.constant_pad_nd.default)
+@_register(aten.constant_pad_nd.default, aten.pad.default)
 def _pad(em, node, a):
+    """Pad with zeros; any other value as a Concat of constant blocks (measured: the HTP's quantized
+    Pad does not pad Sana's linear attention with the value 1.0 it asks for)."""
+    if a.get("mode", "constant") != "constant":
+        raise NotImplementedError(f"pad mode {a['mode']!r}")
     x = em.value(a["self"])
-    pad = list(a["pad"])
+    pad, value = list(a["pad"]), float(a["value"] or 0.0)
     begins, ends = [0] * x.dim(), [0] * x.dim()
     for i in range(len(pad) // 2):
         begins[x.dim() - 1 - i], ends[x.dim() - 1 - i] = pad[2 * i], pad[2 * i + 1]
-    value = em.graph.constant(np.asarray(a["value"] or 0.0, np.float32), "pad_value")
-    return em.graph.node("Pad", [em.tensor(a["self"]), _shape(em, begins + ends), value])
+    if min(begins + ends) < 0:
+        raise NotImplementedError("negative padding (cropping)")
+    if value == 0.0:
+        return em.graph.node("Pad", [em.tensor(a["self"]), _shape(em, begins + ends)])
+    out, shape = em.tensor(a["self"]), list(x.shape)
+    for axis in range(x.dim()):
+        if begins[axis] or ends[axis]:
+            block = lambda n: em.tensor(torch.full(shape[:axis] + [n] + shape[axis + 1:], value))  # noqa: E731
+            parts = ([block(begins[axis])] if begins[axis] else []) + [out] + ([block(ends[axis])] if ends[axis] else [])
+            out = em.graph.node("Concat", parts, axis=axis)
+            shape[axis] += begins[axis] + ends[axis]
+    return out
 
 
 # -- elementwise ---------------------------------------------------------------------------
@@ -280,14 +302,20 @@ def _unary(op_type: str, **attrs):
 
 for _t_, _op_ in ((aten.exp.default, "Exp"), (aten.sin.default, "Sin"), (aten.cos.default, "Cos"), (aten.sqrt.default, "Sqrt"),
                   (aten.neg.default, "Neg"), (aten.relu.default, "Relu"), (aten.sigmoid.default, "Sigmoid"),
-                  (aten.tanh.default, "Tanh"), (aten.abs.default, "Abs"), (aten.reciprocal.default, "Reciprocal"),
+                  (aten.tanh.default, "Tanh"), (aten.abs.default, "Abs"),
                   (aten.log.default, "Log"), (aten.logical_not.default, "Not")):
     ATEN_TRANSLATIONS[_t_] = _unary(_op_)
 
 
+@_register(aten.reciprocal.default)
+def _reciprocal(em, node, a):
+    """Div(1, x): measured, the HTP's quantized Reciprocal is wrong (4.15 comes out as 1.66)."""
+    return em.graph.node("Div", [em.tensor(1.0), em.tensor(a["self"])])
+
+
 @_register(aten.rsqrt.default)
 def _rsqrt(em, node, a):
-    return em.graph.node("Reciprocal", [em.graph.node("Sqrt", [em.tensor(a["self"])])])
+    return em.graph.node("Div", [em.tensor(1.0), em.graph.node("Sqrt", [em.tensor(a["self"])])])
 
 
 @_register(aten.silu.default)
@@ -356,6 +384,18 @@ def _layer_norm(em, node, a):
     return _affine(em, out, a["weight"], a["bias"], shape)
 
 
+@_register(aten.rms_norm.default)
+def _rms_norm(em, node, a):
+    """x / sqrt(mean(x^2) + eps) * weight: onnxruntime's opset has no RMSNormalization before 23."""
+    shape = list(a["normalized_shape"])
+    x = em.tensor(a["input"])
+    axes = _shape(em, list(range(-len(shape), 0)))
+    mean_square = em.graph.node("ReduceMean", [em.graph.node("Mul", [x, x]), axes], keepdims=1)
+    eps = a["eps"] if a["eps"] is not None else float(torch.finfo(em.value(a["input"]).dtype).eps)
+    rms = em.graph.node("Sqrt", [em.graph.node("Add", [mean_square, em.tensor(float(eps))])])
+    return _affine(em, em.graph.node("Div", [x, rms]), a["weight"], None, shape)
+
+
 @_register(aten.group_norm.default)
 def _group_norm(em, node, a):
     """InstanceNormalization over (batch, groups, rest): the HTP rejects GroupNormalization."""
@@ -386,8 +426,10 @@ def _linear(em, node, a):
 def _conv2d(em, node, a):
     pair = lambda v: list(v) if isinstance(v, (list, tuple)) else [v, v]  # noqa: E731
     weight = em.value(a["weight"])
-    return layers.conv(em, em.tensor(a["input"]), em.tensor(a["weight"]), weight.shape[0], em.value(a["bias"]),
-                       pair(a["stride"]), pair(a["padding"]), pair(a["dilation"]), a["groups"], em.hint(a["weight"]))
+    make = lambda shape: em.graph.constant(weight if shape is None else weight.reshape(shape), em.hint(a["weight"]))  # noqa: E731
+    return layers.conv(em, em.tensor(a["input"]), tuple(em.value(a["input"]).shape), make, tuple(weight.shape),
+                       em.value(a["bias"]), pair(a["stride"]), pair(a["padding"]), pair(a["dilation"]), a["groups"],
+                       em.hint(a["weight"]))
 
 
 @_register(aten.upsample_nearest2d.vec, aten.upsample_nearest2d.default)

@@ -4,7 +4,9 @@
 QNN context; with several graphs the sessions share it (``ep.share_ep_contexts``), so QNN stores
 weights that the graphs have in common — identical initializer names and bytes, which
 ``export_onnx`` guarantees for weights — once, and the last session writes the single .bin that
-every ``*_ctx.onnx`` model points to.
+every ``*_ctx.onnx`` model points to. Measured: the x86 HTP backend writes a
+multi-graph shared context but cannot load it back (QNN_COMMON_ERROR_NOT_SUPPORTED); a
+single-graph context loads here too.
 """
 
 from __future__ import annotations

@@ -34,7 +34,7 @@ __all__ = ["Emitter", "emit", "output_names"]
 
 
 def output_names(count: int) -> list[str]:
-    return ["sample"] if count == 1 else [f"output_{i}" for i in range(count)]
+    return [f"output_{i}" for i in range(count)]
 
 
 class Emitter:

@@ -71,7 +71,7 @@ def _batched(qmodel, inputs: dict, calibration: Iterable | None, timestep: float
     total = next(iter(rows.values())).shape[0] if rows else 0
     for start in range(0, total - batch + 1, batch):
         feeds.append({k: rows[k][start:start + batch] if k in rows else v for k, v in example.items()})
-    runtime = [k for k, v in example.items() if isinstance(v, torch.Tensor) and k != arg]
+    runtime = [k for k in batched if k != arg]
     return [{k: f[k].float().numpy() for k in runtime} for f in feeds]
 
 
@@ -88,7 +88,9 @@ def export_onnx(qmodel, args: tuple = (), kwargs: dict[str, Any] | None = None, 
         raise ValueError(f"unknown export target {target!r}; supported: {', '.join(TARGETS)}")
     inputs = normalize_inputs(qmodel.original, args, kwargs or {}, qmodel.timestep_arg)
     qmodel.signature.check(inputs, "export_onnx example")
-    spec = specialize(qmodel.graph_module, inputs, qmodel.timestep_arg)
+    specs = flat_inputs(qmodel.graph_module, qmodel.signature.inputs)
+    unbatched = frozenset(k for k, s in specs.items() if getattr(s, "shape", (None,))[:1] != (None,))
+    spec = specialize(qmodel.graph_module, inputs, qmodel.timestep_arg, unbatched)
     batch = next(v.shape[0] for v in spec.inputs.values() if v.dim() > 0)
     metadata = {TIMESTEP_KEY: "" if spec.timestep is None else f"{spec.timestep:g}", RECIPE_KEY: qmodel.recipe.name,
                 INPUTS_KEY: json.dumps({k: list(v.shape) for k, v in spec.inputs.items()})}

@@ -10,6 +10,8 @@ int16 per-channel weights, and every bias becomes int32 at scale input_scale * w
 
 from __future__ import annotations
 
+from typing import Callable
+
 import numpy as np
 import torch
 
@@ -43,6 +45,26 @@ def gemm(em, x: str, x_shape: tuple[int, ...], weight: str, channels: int, bias:
     return em.graph.node("Reshape", [y, shape(list(x_shape[:-1]) + [channels])]) if len(x_shape) != 2 else y
 
 
-def conv(em, x: str, weight: str, channels: int, bias: torch.Tensor | None, stride, padding, dilation, groups: int, hint: str) -> str:
-    return em.graph.node("Conv", [x, weight, _bias(em, bias, channels, hint)], strides=list(stride),
-                         pads=list(padding) * 2, dilations=list(dilation), group=int(groups))
+def conv(em, x: str, x_shape: tuple[int, ...], weight: Callable[[tuple[int, ...] | None], str], weight_shape: tuple[int, ...],
+         bias: torch.Tensor | None, stride, padding, dilation, groups: int, hint: str) -> str:
+    """Conv; a patchify convolution (kernel = stride, no padding) as a Gemm over the patches.
+
+    ``weight(shape)`` makes the weight initializer, reshaped to ``shape`` (None: as it is).
+    Measured: the HTP's Conv followed by the flatten and transpose to tokens that every diffusion
+    transformer's patch embedding does computes 2.6% (2x2 patches) to 6% (1x1) wrong, batches after
+    the first worst; the Gemm form is exact to the 16-bit grids.
+    """
+    cout, cin, kh, kw = weight_shape
+    patchify = list(stride) == [kh, kw] and list(padding) == [0, 0] and list(dilation) == [1, 1] and groups == 1
+    if not patchify:
+        return em.graph.node("Conv", [x, weight(None), _bias(em, bias, cout, hint)], strides=list(stride),
+                             pads=list(padding) * 2, dilations=list(dilation), group=int(groups))
+    b, _, h, w = x_shape
+    ho, wo = h // kh, w // kw
+    shape = lambda v: em.graph.constant(np.asarray(v, np.int64), "shape")  # noqa: E731
+    rows = em.graph.node("Transpose", [em.graph.node("Reshape", [x, shape([b, cin, ho, kh, w])])], perm=[0, 2, 1, 3, 4])
+    patches = em.graph.node("Transpose", [em.graph.node("Reshape", [rows, shape([b * ho, cin, kh, wo, kw])])], perm=[0, 3, 1, 2, 4])
+    flat = em.graph.node("Reshape", [patches, shape([b * ho * wo, cin * kh * kw])])
+    y = gemm(em, flat, (b * ho * wo, cin * kh * kw), weight((cout, cin * kh * kw)), cout, bias, hint)
+    nhwc = em.graph.node("Reshape", [y, shape([b, ho, wo, cout])])
+    return em.graph.node("Transpose", [nhwc], perm=[0, 3, 1, 2])

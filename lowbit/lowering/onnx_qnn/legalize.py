@@ -22,7 +22,8 @@ island; MatMul alone takes a 16-bit first input with an 8-bit second one). The r
   bias (the emitter moves any affine part to Mul/Add). Other constants: uint16 per tensor.
 - Graph inputs and outputs are integer tensors (``quantized_io``): the host quantizes and
   dequantizes them in float32 with the grids recorded under ``IO_KEY`` in the model's metadata,
-  so no float reaches the HTP, whose own float input conversion runs in fp16.
+  so no float reaches the HTP, whose own float input conversion runs in fp16. A small 8-bit input
+  travels in its 16-bit container (``step`` 256), which the HTP accepts.
 """
 
 from __future__ import annotations
@@ -53,7 +54,9 @@ _PARAMETER_INPUTS = {"QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}, "Clip
                      "Resize": {1, 2, 3}, "Reshape": {1}, "Expand": {1}, "Tile": {1}, "Slice": {1, 2, 3, 4},
                      "Gather": {1}, "Split": {1}, "Squeeze": {1}, "Unsqueeze": {1}, "ReduceMax": {1},
                      "ReduceMean": {1}, "ReduceSum": {1}, "Where": {0}}
+_ADDITIVE = {"Add", "Sub", "Max", "Min", "Where"}
 _ONNX_TYPE = {np.uint8: TensorProto.UINT8, np.uint16: TensorProto.UINT16}
+SMALL_8_BIT_INPUT = 128  # measured: a uint8 graph input of 24-48 elements fails to finalize (MEM_ALLOC), 128+ loads
 
 
 @dataclass(eq=False)
@@ -251,9 +254,13 @@ class _Legalizer:
         q = np.clip(np.round(w / scale.reshape((-1,) + (1,) * (w.ndim - 1))), -qmax, qmax).astype(dtype)
         return self._dq_constant(q, scale, np.zeros(len(scale), dtype), 0, name)
 
-    def _constant(self, name: str) -> onnx.NodeProto:
+    def _constant(self, name: str, finest: float = 0.0) -> onnx.NodeProto:
+        """uint16 over [min(0, c), max(0, c)], no finer than ``finest`` (measured: Sana's 1e-15 added to
+        a denominator, on a 1e-20 grid, made the HTP's Add wrong; on the output's grid it is a 0)."""
         c = self.init[name].astype(np.float64)
         grid = Grid.from_range(float(c.min(initial=0.0)), float(c.max(initial=0.0)))
+        if grid.scale < finest:
+            grid = Grid(finest, int(np.clip(round(-min(float(c.min()), 0.0) / finest), 0, 65535)), np.uint16)
         q = np.clip(np.round(c / grid.scale) + grid.zero_point, 0, 65535).astype(np.uint16)
         return self._dq_constant(q, np.asarray(grid.scale), np.asarray(grid.zero_point, np.uint16), None, name)
 
@@ -291,6 +298,8 @@ class _Legalizer:
                     dq = self._weight(name)
                 elif node.op_type in NORMS:
                     dq = self._norm_parameter(node, i)
+                elif node.op_type in _ADDITIVE:  # the constant need not be finer than the sum
+                    dq = self._constant(name, finest=self.written[node.output[0]].scale)
                 else:
                     dq = self._constant(name)
                 if dq.output[0] not in made:  # equal constants share one DequantizeLinear
@@ -306,11 +315,25 @@ class _Legalizer:
     def _quantize_io(self, order: list[onnx.NodeProto]) -> list[onnx.NodeProto]:
         io: dict[str, dict] = {}
         dropped: set[int] = set()
+        added: list[onnx.NodeProto] = []
         for value in self.graph.input:
             if value.type.tensor_type.elem_type != TensorProto.FLOAT:
                 continue
             q = next(n for n in order if n.op_type == "QuantizeLinear" and n.input[0] == value.name)
             grid = self.grid_of[f"{value.name}__dq"]
+            size = int(np.prod([d.dim_value for d in value.type.tensor_type.shape.dim]))
+            if grid.bits == 8 and size < SMALL_8_BIT_INPUT:
+                # the host rounds to the 8-bit grid and sends it in its exact 16-bit container; the
+                # graph's own Q then re-quantizes to 8 bits, exactly (the values are on the grid)
+                wide = grid.container()
+                dq = helper.make_node("DequantizeLinear", [value.name, "", ""], [f"{value.name}__container"],
+                                      name=f"{value.name}__container/DequantizeLinear")
+                self.param_users.append((dq, wide))
+                q.input[0] = dq.output[0]
+                added.append(dq)
+                value.type.tensor_type.elem_type = TensorProto.UINT16
+                io[value.name] = {**wide.describe(), "step": 256}
+                continue
             for node in order:
                 node.input[:] = [value.name if i == q.output[0] else i for i in node.input]
             dropped.add(id(q))
@@ -329,7 +352,7 @@ class _Legalizer:
             value.type.tensor_type.elem_type = _ONNX_TYPE[grid.dtype]
             io[value.name] = grid.describe()
         self.model.metadata_props.add(key=IO_KEY, value=json.dumps(io))
-        return [n for n in order if id(n) not in dropped]
+        return added + [n for n in order if id(n) not in dropped]
 
     # -- the whole pass ----------------------------------------------------------------------------
 
@@ -347,11 +370,11 @@ class _Legalizer:
                         order += self._quantize_activation(out)
         order = self._match_widths(order)
         order = self._quantize_constants(order)
+        if quantized_io:
+            order = self._quantize_io(order)
         for node, grid in self.param_users:
             node.input[1] = self._initializer(np.asarray(grid.scale, np.float32), "scale")
             node.input[2] = self._initializer(np.asarray(grid.zero_point, grid.dtype), "zero_point")
-        if quantized_io:
-            order = self._quantize_io(order)
         del self.graph.node[:]
         self.graph.node.extend(order)
         used = {i for n in order for i in n.input}

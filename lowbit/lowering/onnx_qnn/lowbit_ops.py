@@ -48,11 +48,12 @@ def _log2_fake_quant(em, node, a):
                            label=f"{layer_of(node)}:{node.name}")
 
 
-def _weight(em, node, a) -> str:
+def _weight(em, node, a, shape: tuple[int, ...] | None = None) -> str:
     spec = node.meta[QUANT_KEY].weight if QUANT_KEY in node.meta else None
     qvalues = em.value(a["weight"])
     bits = spec.bits if spec is not None else (8 if qvalues.dtype == torch.int8 else 16)
-    return layers.integer_weight(em, qvalues, em.value(a["weight_scale"]), bits, em.hint(a["weight"]))
+    return layers.integer_weight(em, qvalues if shape is None else qvalues.reshape(shape), em.value(a["weight_scale"]),
+                                 bits, em.hint(a["weight"]))
 
 
 def _quantized_linear(em, node, a):
@@ -69,9 +70,9 @@ def _quantized_conv2d(em, node, a):
     if a["input_scale"] is not None:
         x = _quantize(em, x, em.value(a["x"]).shape, a["input_scale"], a["input_zero_point"], a["input_qmin"],
                       a["input_qmax"], f"{layer_of(node)}:input")
-    channels = em.value(a["weight"]).shape[0]
-    return layers.conv(em, x, _weight(em, node, a), channels, em.value(a["bias"]), a["stride"], a["padding"],
-                       a["dilation"], a["groups"], em.hint(a["weight"]))
+    return layers.conv(em, x, tuple(em.value(a["x"]).shape), lambda shape: _weight(em, node, a, shape),
+                       tuple(em.value(a["weight"]).shape), em.value(a["bias"]), a["stride"], a["padding"], a["dilation"],
+                       a["groups"], em.hint(a["weight"]))
 
 
 def _quantized_attention(em, node, a):

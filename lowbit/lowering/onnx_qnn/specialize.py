@@ -82,10 +82,13 @@ def flat_inputs(gm: torch.fx.GraphModule, inputs: dict[str, Any]) -> dict[str, A
     return {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat)}
 
 
-def specialize(gm: torch.fx.GraphModule, inputs: dict[str, Any], timestep_arg: str | None) -> SpecializedGraph:
+def specialize(gm: torch.fx.GraphModule, inputs: dict[str, Any], timestep_arg: str | None,
+               constant_inputs: frozenset[str] = frozenset()) -> SpecializedGraph:
     """Run ``gm`` on ``inputs`` (normalized keyword inputs) and split runtime from constant nodes.
 
     Every timestep in the batch must be the same: a specialized graph serves one timestep.
+    ``constant_inputs`` (placeholder names) are folded like the timestep: inputs without a batch
+    dimension, such as FLUX's position ids, are fixed by the image size the graph is built for.
     """
     timestep = None
     if timestep_arg is not None and timestep_arg in inputs:
@@ -102,7 +105,7 @@ def specialize(gm: torch.fx.GraphModule, inputs: dict[str, Any], timestep_arg: s
     runtime_inputs: dict[str, torch.Tensor] = {}
     for node in placeholders:
         value = flat[node.name]
-        if node.name != timestep_arg and isinstance(value, torch.Tensor):
+        if node.name != timestep_arg and node.name not in constant_inputs and isinstance(value, torch.Tensor):
             runtime.add(node)
             runtime_inputs[node.name] = value
     for node in gm.graph.nodes:

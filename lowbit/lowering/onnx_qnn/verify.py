@@ -55,8 +55,10 @@ class VerifyReport:
 
 
 def _expected(reference: Any, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    if isinstance(reference, (np.ndarray, torch.Tensor)):
-        return np.asarray(reference, np.float32)
+    if isinstance(reference, torch.Tensor):
+        return reference.detach().float().numpy()
+    if isinstance(reference, np.ndarray):
+        return reference.astype(np.float32)
     meta = {p.key: p.value for p in model.metadata_props}
     kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
     batch = next(v.shape[0] for v in kwargs.values() if v.dim() > 0)
