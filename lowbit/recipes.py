@@ -49,6 +49,9 @@ class Recipe:
     ``select_dim`` (eq. 4-5) or along channels otherwise; ``attention_scheme`` "log2" (eq. 2),
     ``start_token`` (keep the start-token column of cross-attention in full precision, eq. 9) and
     ``dynamic_attention_scale`` (s = max of the probabilities at run time, eq. 8).
+    ``group_text_tokens`` lets eq. 5 pick the token axis also where it holds text positions
+    (cross-attention keys and values); by default those operands are grouped along channels,
+    because text positions change content with the phrasing (see group_activations).
     """
 
     name: str
@@ -65,6 +68,7 @@ class Recipe:
     attention_scheme: Literal["uniform", "log2"] = "uniform"
     start_token: bool = False
     dynamic_attention_scale: bool = False
+    group_text_tokens: bool = False
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -100,7 +104,7 @@ class Recipe:
         passes: list[Pass] = [ChooseQuantParams(self.weight_range)]
         if self.groups is not None:
             passes += [DetectOutlierDim()] if self.select_dim else []
-            passes += [GroupActivations(self.groups, self.select_dim)]
+            passes += [GroupActivations(self.groups, self.select_dim, self.group_text_tokens)]
         return passes + [ConvertToQuantizedOps()]
 
     def _annotate(self) -> AnnotateQuantization:

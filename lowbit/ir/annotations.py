@@ -189,10 +189,15 @@ class OutlierDim:
 
     D_d = (max_i a_max - min_i a_max) + (max_i a_min - min_i a_min) over the vectors i along d;
     the dimension with the larger spread is where the outliers sit, and where grouping pays.
+    ``text_tokens`` says that the token axis holds text positions (cross-attention keys and
+    values, the caption projection): what sits at a text position depends on the prompt's
+    phrasing, so a range fitted to one position on the calibration prompts does not hold there
+    for other prompts, unlike a channel or an image pixel.
     """
 
     channel_spread: float
     token_spread: float
+    text_tokens: bool = False
 
     def __post_init__(self) -> None:
         if not (self.channel_spread >= 0 and self.token_spread >= 0):

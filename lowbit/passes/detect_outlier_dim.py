@@ -8,6 +8,13 @@ min/max as in the official code. A convolution's input is judged in its unfolded
 as the official code does: rows are (channel, kernel offset) — a channel's range, plus the zeros
 of the padding — and columns are output pixels — the range over each receptive field. The
 result is recorded per operand under OUTLIER_KEY; group quantization reads it.
+
+The pass also records whether an operand's token axis holds text positions, because DGQ's
+grouping along pixels rests on outliers staying at the same positions when the prompt changes
+(§3.2), which holds for image pixels and not for text tokens: which word sits at text position j
+depends on the phrasing. An operand has text tokens when it is a cross-attention's key or value
+(or any operand of a joint attention, whose token axis includes the text segment), or a
+linear input computed from the text input with as many tokens as the text.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import torch
 import torch.fx
 import torch.nn.functional as F
 
-from lowbit.ir.annotations import LAYER_KEY, OUTLIER_KEY, QUANT_KEY, OutlierDim
+from lowbit.ir.annotations import ATTENTION_KEY, LAYER_KEY, OUTLIER_KEY, QUANT_KEY, OutlierDim
 from lowbit.ir.params import target_name
 from lowbit.ir.statistics import RangeStatistics, spread
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
@@ -44,17 +51,46 @@ def conv_unfold_ranges(stats: RangeStatistics, height: int, width: int, kernel, 
     return (row_min, row_max), (col_min, col_max)
 
 
+def _text_dependent(gm: torch.fx.GraphModule, text: torch.fx.Node | None) -> set[torch.fx.Node]:
+    """Nodes computed (directly or not) from the text input."""
+    found: set[torch.fx.Node] = set()
+    if text is None:
+        return found
+    for node in gm.graph.nodes:
+        if node is text or any(a in found for a in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 class DetectOutlierDim(Pass):
     name = "detect_outlier_dim"
     requires = ("insert_observers",)
 
+    def __init__(self, text_input: str = "encoder_hidden_states"):
+        self.text_input = text_input
+
+    def _text_operands(self, node: torch.fx.Node, text: torch.fx.Node | None, from_text: set[torch.fx.Node]) -> set[str]:
+        if text is None:
+            return set()
+        attention = node.meta.get(ATTENTION_KEY)
+        if attention is not None:
+            if self.text_input not in attention.key_sources:
+                return set()
+            return {"key", "value"} if attention.kind == "cross" else {"query", "key", "value"} if attention.kind == "joint" else set()
+        x = node.args[0]
+        tokens = x.meta["val"].shape[1:-1].numel() if x.meta["val"].dim() > 2 else 0
+        return {"input"} if node.meta[LAYER_KEY].kind == "linear" and x in from_text and tokens == text.meta["val"].shape[1] else set()
+
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         modified = False
+        text = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == self.text_input), None)
+        from_text = _text_dependent(gm, text)
         for node in gm.graph.nodes:
             annotation = node.meta.get(QUANT_KEY)
             if annotation is None:
                 continue
             info = node.meta[LAYER_KEY]
+            text_operands = self._text_operands(node, text, from_text)
             found = {}
             for operand in _ACTIVATIONS:
                 if getattr(annotation, operand) is None:
@@ -72,7 +108,7 @@ class DetectOutlierDim(Pass):
                     found[operand] = OutlierDim(spread(*rows), spread(*cols))
                 else:
                     found[operand] = OutlierDim(spread(stats.channel_min, stats.channel_max),
-                                                spread(stats.token_min, stats.token_max))
+                                                spread(stats.token_min, stats.token_max), operand in text_operands)
             if found and node.meta.get(OUTLIER_KEY) != found:
                 node.meta[OUTLIER_KEY] = found
                 modified = True

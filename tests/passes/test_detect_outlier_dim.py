@@ -14,6 +14,7 @@ from lowbit.passes.canonicalize_attention import CanonicalizeAttention
 from lowbit.passes.detect_outlier_dim import DetectOutlierDim, conv_unfold_ranges
 from lowbit.passes.insert_observers import InsertObservers
 from lowbit.passes.pipeline import Pipeline
+from tests.passes.conftest import tiny_inputs
 
 
 class _LinearConv(nn.Module):
@@ -92,3 +93,19 @@ def test_unfold_ranges_match_real_im2col(padding):
     torch.testing.assert_close(rmin, rows_true.amin(dim=(1, 2)))
     torch.testing.assert_close(cmax, cols.amax(dim=(0, 1)))
     torch.testing.assert_close(cmin, cols.amin(dim=(0, 1)))
+
+
+def test_text_token_axes_are_marked(tiny):
+    """Cross-attention keys/values and the linears that project the text have text-position tokens."""
+    model, _ = tiny
+    calib = tiny_inputs()
+    ctx = PassContext()
+    w8, a8 = QuantSpec(8, granularity="channel", axis=0, symmetric=True), QuantSpec(8, mode="per_timestep")
+    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(w8, a8, a8, keep_io_layers=False), InsertObservers()]).run(
+        capture(model, (), calib), ctx)
+    gm(**calib)
+    gm = Pipeline([DetectOutlierDim(text_input="text")]).run(gm, ctx)
+    found = {n.meta[LAYER_KEY].path: n.meta[OUTLIER_KEY] for n in gm.graph.nodes if OUTLIER_KEY in n.meta}
+    text = {f"{path}:{operand}" for path, per_op in found.items() for operand, d in per_op.items() if d.text_tokens}
+    # "" is the SDPA self-attention, "@1" the baddbmm cross-attention whose keys come from `text`
+    assert text == {"ck:input", "cv:input", "@1:key", "@1:value"}

@@ -5,10 +5,19 @@ import torch
 from torch.utils._pytree import tree_map
 
 import lowbit
-from lowbit.ir.annotations import QUANT_KEY, LAYER_KEY
+from lowbit.ir.annotations import QUANT_KEY, LAYER_KEY, QuantSpec
+from lowbit.ir.capture import capture
 from lowbit.models.tiny import build
-from lowbit.passes.group_activations import cluster_ranges
+from lowbit.passes.annotate_quantization import AnnotateQuantization
+from lowbit.passes.base import PassContext
+from lowbit.passes.canonicalize_attention import CanonicalizeAttention
+from lowbit.passes.choose_quant_params import ChooseQuantParams
+from lowbit.passes.detect_outlier_dim import DetectOutlierDim
+from lowbit.passes.group_activations import GroupActivations, cluster_ranges
+from lowbit.passes.insert_observers import InsertObservers
+from lowbit.passes.pipeline import Pipeline
 from lowbit.recipes import Recipe
+from tests.passes.conftest import tiny_inputs
 
 
 def test_kmeans_separates_planted_ranges():
@@ -64,3 +73,41 @@ def test_groups_reduce_error_and_follow_the_timestep(calib, tmp_path):
     assert torch.equal(loaded(**test)[0], q(**test)[0])
     node = next(n for n in loaded.graph_module.graph.nodes if QUANT_KEY in n.meta and n.meta[LAYER_KEY].path == "down_blocks.1.resnets.0.conv1")
     assert node.meta[QUANT_KEY].input == spec
+
+
+def _group_axes(model, calib, **settings):
+    """Grouping axis of every grouped operand, with a K = 4 pipeline run directly (text input `text`)."""
+    ctx = PassContext()
+    w8, a8 = QuantSpec(8, granularity="channel", axis=0, symmetric=True), QuantSpec(8, mode="per_timestep")
+    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(w8, a8, a8, keep_io_layers=False), InsertObservers()]).run(
+        capture(model, (), calib), ctx)
+    gm(**calib)
+    gm = Pipeline([ChooseQuantParams(), DetectOutlierDim(text_input="text"), GroupActivations(4, **settings)]).run(gm, ctx)
+    return {t: ("channel" if p.spec.axis == -1 else "token") for t, p in ctx.params.items() if p.spec.granularity == "group"}
+
+
+def test_text_positions_are_grouped_along_channels_unless_asked(tiny):
+    model, _ = tiny
+    calib = tiny_inputs()
+    calib["text"][:, 2] += 20.0  # a text position far out of range: eq. 5 alone picks the token axis
+    plain, ablation = _group_axes(model, calib), _group_axes(model, calib, group_text_tokens=True)
+    assert ablation["ck:input"] == ablation["cv:input"] == "token"
+    assert plain["ck:input"] == plain["cv:input"] == plain["@1:key"] == plain["@1:value"] == "channel"
+    image = [t for t in plain if not t.startswith(("ck:", "cv:", "@1:key", "@1:value"))]
+    assert image and all(plain[t] == ablation[t] for t in image)  # image operands keep eq. 5's choice
+
+
+def test_groups_never_clip_their_own_calibration_data(calib):
+    """At 16 bits the grid step is ~1e-5 of the range, so the output on a calibration input matches
+    full precision (measured 5e-6) unless some vector falls outside its group's range — which
+    happens only if group labels or timestep rows reach the wrong vectors (giving each group its
+    neighbour's parameters measured 0.17-0.23). Token groups on every operand (text positions
+    included) make the check cover both axes."""
+    model, samples = build("pixart"), calib("pixart")
+    q = lowbit.quantize(model, Recipe("g16", 16, 16, groups=16, group_text_tokens=True), samples, progress=False)
+    axes = {p.spec.axis for p in q.params.values() if p.spec.granularity == "group"}
+    assert axes == {-1, 1}  # both channel and token groups are exercised
+    for args, kwargs in samples:
+        ref = model(*args, **kwargs, return_dict=False)[0]
+        err = ((q(*args, **kwargs)[0] - ref).norm() / ref.norm()).item()
+        assert err < 1e-3, err
