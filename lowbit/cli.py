@@ -80,7 +80,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
     out = _output_folder(args)
     rows, grid = run_eval([_recipe(r) for r in args.recipe], args.samples, seed=args.seed,
-                          steps=args.steps, calibration_prompts=args.calibration_prompts)
+                          steps=args.steps, calibration_prompts=args.calibration_prompts, model_name=args.model)
     print(markdown(rows))
     with staged_folder(out, overwrite=args.overwrite) as tmp:
         write_results(rows, grid, tmp)
@@ -96,6 +96,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
+    from lowbit.evaluate import EVAL_MODELS
     from lowbit.models.pipelines import PIPELINE_MODELS
 
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
@@ -110,7 +111,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     q.set_defaults(func=_cmd_quantize)
     e = sub.add_parser("eval", help="full precision and recipes side by side on the shipped reference model")
-    e.add_argument("--model", default="reference", choices=("reference",), help="the model to evaluate")
+    e.add_argument("--model", default="reference", choices=list(EVAL_MODELS),
+                   help="the shipped reference model, or the same function with planted channel outliers (lowbit/models/stress.py)")
     e.add_argument("--recipe", action="append", default=[], help="a recipe name or .toml file; repeat for several")
     e.add_argument("--samples", type=int, default=1000, help="images per prompt set (seen and held-out phrasings)")
     e.add_argument("--seed", type=int, default=0, help="prompt and noise seed")

@@ -25,12 +25,15 @@ from lowbit.evaluation.harness import Sampler, evaluate, prompt_set
 from lowbit.evaluation.metrics import psnr
 from lowbit.models import text_encoder
 from lowbit.models.reference import load_reference_model, make_sampler, sample
+from lowbit.models.stress import load_stressed_reference_model
 from lowbit.quantize import quantize
 from lowbit.recipes import Recipe, get_recipe
 
-__all__ = ["EvalRow", "calibrate_reference", "run_eval", "write_results"]
+__all__ = ["EVAL_MODELS", "EvalRow", "calibrate_reference", "run_eval", "write_results"]
 
 CALIBRATION_SEED = 10_000  # prompt and noise seeds apart from every evaluation seed
+# the shipped reference model, and the same function with planted SD-like channel outliers
+EVAL_MODELS = {"reference": load_reference_model, "reference-stressed": load_stressed_reference_model}
 
 
 @dataclass(frozen=True)
@@ -61,13 +64,17 @@ def _mean_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 
 def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps: int = 25, calibration_prompts: int = 64,
-             extra_samplers: dict[str, Sampler] | None = None, progress: bool = True) -> tuple[list[EvalRow], dict[str, torch.Tensor]]:
+             extra_samplers: dict[str, Sampler] | None = None, progress: bool = True,
+             model_name: str = "reference") -> tuple[list[EvalRow], dict[str, torch.Tensor]]:
     """Rows of the table (full precision first) and the first image of each class per model.
 
     ``extra_samplers`` adds rows for any (prompts, seeds) -> images callable (an untrained model,
-    another architecture): scored the same way, with no bit-widths or costs.
+    another architecture): scored the same way, with no bit-widths or costs. ``model_name`` names
+    one of ``EVAL_MODELS``.
     """
-    model = load_reference_model()
+    if model_name not in EVAL_MODELS:
+        raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(EVAL_MODELS)}")
+    model = EVAL_MODELS[model_name]()
     recipes = [get_recipe(r) for r in recipes]
     calibration = calibrate_reference(model, calibration_prompts, steps, progress) if recipes else []
     example = calibration[0] if calibration else None

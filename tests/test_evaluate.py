@@ -2,6 +2,8 @@
 
 import math
 
+import pytest
+
 from lowbit.cli import main
 from lowbit.evaluate import run_eval
 
@@ -37,3 +39,13 @@ def test_extra_samplers_get_rows_without_costs():
     blobs = rows[1]
     assert math.isnan(blobs.gbops) and blobs.psnr_vs_fp < 15  # blobs look nothing like the FP digits
     assert "| blobs | – |" in markdown(rows)
+
+
+def test_stressed_model_is_selectable_and_samples_the_same_images():
+    _, natural = run_eval([], samples=4, steps=3, progress=False)
+    _, stressed = run_eval([], samples=4, steps=3, progress=False, model_name="reference-stressed")
+    # the same function up to fp32 rounding (1e-7 relative per denoiser call, see tests/models/test_stress.py);
+    # 3 solver steps keep pixel differences far below one 8-bit gray level (2/255 = 0.008)
+    assert (natural["full precision"] - stressed["full precision"]).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="unknown model 'sd'; choose one of reference, reference-stressed"):
+        run_eval([], samples=2, steps=1, model_name="sd")
