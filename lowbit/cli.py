@@ -88,6 +88,19 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_figures(args: argparse.Namespace) -> int:
+    from lowbit.evaluate import EVAL_MODELS
+    from lowbit.figures import make_figures
+
+    out = _output_folder(args)
+    model = EVAL_MODELS[args.model]()
+    with staged_folder(out, overwrite=args.overwrite) as tmp:
+        paths = make_figures(model, args.layer, tmp, attention=args.attention, label=args.model,
+                             prompts=args.prompts, steps=args.steps, step=args.step)
+    print("lowbit: wrote " + ", ".join(str(out / p.name) for p in paths))
+    return 0
+
+
 def _cmd_recipes(args: argparse.Namespace) -> int:
     for name in recipes():
         r = get_recipe(name)
@@ -121,6 +134,16 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--out", default="out/eval", help="output folder")
     e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     e.set_defaults(func=_cmd_eval)
+    f = sub.add_parser("figures", help="DGQ Figures 4 and 5 for one layer: activation heatmap, attention histogram (PNG)")
+    f.add_argument("--layer", required=True, help="a linear layer whose input is pictured, e.g. transformer_blocks.2.attn1.to_q")
+    f.add_argument("--attention", default=None, help="the cross-attention to histogram (default: attn2 of the layer's block)")
+    f.add_argument("--model", default="reference", choices=list(EVAL_MODELS), help="the model to picture")
+    f.add_argument("--prompts", type=int, default=4, help="prompts sampled (seen phrasings)")
+    f.add_argument("--steps", type=int, default=25, help="sampling steps")
+    f.add_argument("--step", type=int, default=None, help="the step whose activation is pictured (default: the middle one)")
+    f.add_argument("--out", default="out/figures", help="output folder")
+    f.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    f.set_defaults(func=_cmd_figures)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(func=_cmd_recipes)
     return parser

@@ -25,7 +25,7 @@ from lowbit.ir.statistics import RangeStatistics, spread
 from lowbit.models import digits, text_encoder
 from lowbit.models.reference import load_reference_model, sample
 
-__all__ = ["LinearStats", "measure", "markdown", "main"]
+__all__ = ["LinearStats", "attention_probs_of", "measure", "markdown", "main"]
 
 SUBSAMPLE_PER_CALL = 20_000
 
@@ -57,7 +57,7 @@ class LinearStats:
         }
 
 
-def _cross_attention_probs(attn: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias) -> torch.Tensor:
+def attention_probs_of(attn: nn.Module, hidden: torch.Tensor, context: torch.Tensor, bias) -> torch.Tensor:
     """softmax(QK^T * scale + mask bias), (B, heads, queries, keys), recomputed from to_q / to_k.
 
     F.linear on their weights, not the modules, so the linear-input hooks do not count twice.
@@ -92,7 +92,7 @@ def measure(n_prompts: int = 64, steps: int = 25, seed: int = 0) -> tuple[dict[s
                 hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
                 context, bias = kwargs["encoder_hidden_states"], kwargs["attention_mask"]
                 cond = slice(hidden.shape[0] // 2, None)  # the sampler batches [uncond; cond]
-                probs = _cross_attention_probs(m, hidden[cond], context[cond], bias[cond])
+                probs = attention_probs_of(m, hidden[cond], context[cond], bias[cond])
                 n_valid = (bias[cond].flatten(1) > -1.0).sum(-1).float()
                 attn_stats[name].append((probs[..., 0].mean().item(), (1.0 / n_valid).mean().item()))
 
