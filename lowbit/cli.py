@@ -17,6 +17,7 @@ import torch
 
 from lowbit.calibration import record_denoiser_inputs
 from lowbit.evaluation.grid import save_grid
+from lowbit.qnn_cli import add_commands as add_qnn_commands
 from lowbit.quantize import quantize
 from lowbit.recipes import Recipe, RecipeError, get_recipe, recipes
 from lowbit.report import format_table, layer_report, write_csv, write_json
@@ -146,6 +147,7 @@ def _parser() -> argparse.ArgumentParser:
     f.set_defaults(func=_cmd_figures)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(func=_cmd_recipes)
+    add_qnn_commands(sub)  # export --target qnn-htp, verify-qnn
     return parser
 
 

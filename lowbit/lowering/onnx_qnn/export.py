@@ -23,6 +23,7 @@ import torch
 from lowbit.ir.capture import normalize_inputs
 from lowbit.lowering.onnx_qnn.calibrate import tensor_ranges
 from lowbit.lowering.onnx_qnn.emit import emit
+from lowbit.lowering.onnx_qnn.htp import IOCodec
 from lowbit.lowering.onnx_qnn.legalize import legalize
 from lowbit.lowering.onnx_qnn.specialize import flat_inputs, specialize
 
@@ -105,7 +106,8 @@ def export_onnx(qmodel, args: tuple = (), kwargs: dict[str, Any] | None = None, 
 
 def export_schedule(qmodel, args: tuple, kwargs: dict[str, Any], folder: str | Path, timesteps: Iterable[float], *,
                     calibration: Iterable | None = None, fp_weight_bits: int = 16) -> list[ExportResult]:
-    """One graph per timestep of a sampling schedule, and ``manifest.json`` mapping timesteps to files."""
+    """One graph per timestep of a sampling schedule, and ``manifest.json`` mapping timesteps to files
+    and to the integer grids of each graph's inputs and outputs (what a phone app quantizes with)."""
     folder = Path(folder)
     calibration = list(calibration or [])
     results = []
@@ -115,6 +117,7 @@ def export_schedule(qmodel, args: tuple, kwargs: dict[str, Any], folder: str | P
         results.append(export_onnx(qmodel, args, kw, folder / graph_name(float(t)), calibration=calibration,
                                    fp_weight_bits=fp_weight_bits))
     manifest = {"target": "qnn-htp", "recipe": qmodel.recipe.name, "batch": results[0].batch,
-                "graphs": {f"{r.timestep:g}": r.path.name for r in results}}
+                "graphs": {f"{r.timestep:g}": r.path.name for r in results},
+                "io": {f"{r.timestep:g}": IOCodec.of(r.path).grids for r in results}}
     (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
     return results

@@ -21,7 +21,7 @@ import onnx
 from lowbit.lowering.onnx_qnn.htp import EP_NAME, htp_session
 from lowbit.lowering.onnx_qnn.onnx_graph import provenance
 
-__all__ = ["Misplaced", "cpu_nodes", "float_islands"]
+__all__ = ["Misplaced", "cpu_nodes", "dump_options", "float_islands"]
 
 _QNN_FLOAT_CLASS = 0x02  # QNN data types 0x02xx are float16 / float32
 
@@ -63,13 +63,23 @@ def cpu_nodes(model_path: str | Path) -> list[Misplaced]:
     return found
 
 
-def float_islands(model_path: str | Path) -> list[Misplaced]:
-    """HTP ops with a float tensor: Quantize/Dequantize excluded (they convert at the graph's edges)."""
+def dump_options(folder: str | Path) -> dict[str, str]:
+    """HTP session options that write the QNN graph the EP builds into ``folder`` (as JSON)."""
+    return {"dump_json_qnn_graph": "1", "json_qnn_graph_dir": str(folder)}
+
+
+def float_islands(model_path: str | Path, dump_folder: str | Path | None = None) -> list[Misplaced]:
+    """HTP ops with a float tensor: Quantize/Dequantize excluded (they convert at the graph's edges).
+
+    ``dump_folder``: where a session made with ``dump_options`` wrote its QNN graph (else one is made).
+    """
     model = onnx.load(str(model_path), load_external_data=False)
     nodes = _by_name(model)
     with tempfile.TemporaryDirectory() as tmp:
-        htp_session(model_path, extra_options={"dump_json_qnn_graph": "1", "json_qnn_graph_dir": tmp})
-        dumps = [f for f in glob.glob(f"{tmp}/*.json") if not f.endswith("_tensor_log.json")]
+        if dump_folder is None:
+            htp_session(model_path, extra_options=dump_options(tmp))
+            dump_folder = tmp
+        dumps = [f for f in glob.glob(f"{dump_folder}/*.json") if not f.endswith("_tensor_log.json")]
         graphs = [json.loads(Path(f).read_text())["graph"] for f in dumps]
     found = []
     for graph in graphs:

@@ -9,6 +9,7 @@ relative L2 error; it writes the EPContext model and binary a phone loads.
 
 from __future__ import annotations
 
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ import torch
 from lowbit.lowering.onnx_qnn.context import context_path
 from lowbit.lowering.onnx_qnn.export import TIMESTEP_KEY
 from lowbit.lowering.onnx_qnn.htp import IOCodec, htp_session
-from lowbit.lowering.onnx_qnn.placement import Misplaced, cpu_nodes, float_islands
+from lowbit.lowering.onnx_qnn.placement import Misplaced, cpu_nodes, dump_options, float_islands
 
 __all__ = ["VerifyReport", "verify_qnn"]
 
@@ -86,15 +87,16 @@ def verify_qnn(model_path: str | Path, inputs: dict[str, Any] | None = None, ref
     target = context_path(model_path, context_dir) if context_dir is not None else None
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        session = htp_session(model_path, context_path=target)
-    except Exception as err:  # onnxruntime raises its own Fail / EPFail types
-        report.load_error = str(err)
-        report.misplaced = cpu_nodes(model_path)
-        return report
-    report.loaded = True
-    if check_float_islands:
-        report.misplaced = float_islands(model_path)
+    with tempfile.TemporaryDirectory() as dump:
+        try:
+            session = htp_session(model_path, context_path=target, extra_options=dump_options(dump) if check_float_islands else None)
+        except Exception as err:  # onnxruntime raises its own Fail / EPFail types
+            report.load_error = str(err)
+            report.misplaced = cpu_nodes(model_path)
+            return report
+        report.loaded = True
+        if check_float_islands:
+            report.misplaced = float_islands(model_path, dump)
     if target is not None:
         report.context = target
         report.context_bytes = sum(p.stat().st_size for p in target.parent.glob(f"{target.stem}*.bin"))

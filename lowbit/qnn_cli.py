@@ -1,0 +1,128 @@
+"""``lowbit export --target qnn-htp`` and ``lowbit verify-qnn``: the command-line side of the QNN lowering.
+
+``export`` quantizes a shipped model (the reference digits model or a small diffusers config),
+writes one HTP graph per timestep of its sampling schedule, the example inputs of each, the
+quantized model itself (to compare against), a manifest, and the weight-shared EPContext binary
+a phone loads. ``verify-qnn`` loads one exported graph on the HTP with CPU fallback disabled,
+names any node that would not map, compares it with lowbit's eager module when the export folder
+holds one, and writes that graph's EPContext model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = ["add_commands"]
+
+QNN_MODELS = ("reference", "pixart", "sana", "sd3", "sd-unet", "sdxl-unet", "flux")
+
+
+def _fp_model(name: str) -> torch.nn.Module:
+    if name == "reference":
+        from lowbit.models.reference import load_reference_model
+
+        return load_reference_model()
+    from lowbit.models.tiny import build
+
+    return build(name)
+
+
+def _calibration(name: str, model: torch.nn.Module, prompts: int, steps: int) -> list:
+    """The denoiser's inputs: the reference sampler's own (CFG batches), or a small config's example
+    inputs (batch 2 per prompt) at ``steps`` timesteps spread over the schedule."""
+    if name == "reference":
+        from lowbit.evaluate import calibrate_reference
+
+        return calibrate_reference(model, prompts, steps, progress=False)
+    from lowbit.models.tiny import TINY_MODELS
+
+    g = torch.Generator().manual_seed(0)
+    scale = 1 / 1000 if name == "flux" else 1.0  # FLUX takes timesteps in [0, 1]
+    samples = []
+    for t in torch.linspace(999, 1, steps).round().tolist():
+        for _ in range(prompts):
+            kw = TINY_MODELS[name].inputs(2, g)
+            kw["timestep"] = torch.full((2,), t * scale)
+            samples.append(((), kw))
+    return samples
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    import onnx
+
+    from lowbit.cli import _output_folder, _recipe
+    from lowbit.ir.capture import normalize_inputs
+    from lowbit.lowering.onnx_qnn import compile_context, export_schedule
+    from lowbit.lowering.onnx_qnn.specialize import flat_inputs
+    from lowbit.qnn_eval import cfg_examples
+    from lowbit.quantize import quantize
+    from lowbit.serialization import save
+    from lowbit.staging import staged_folder
+
+    if args.batch < 2 or args.batch % 2:
+        raise ValueError(f"--batch must be an even number (prompt pairs for classifier-free guidance); got {args.batch}")
+    out = _output_folder(args)
+    model = _fp_model(args.model)
+    recipe = _recipe(args.recipe)
+    calibration = _calibration(args.model, model, args.prompts, args.steps)
+    qmodel = quantize(model, recipe, calibration, progress=False)
+    examples = cfg_examples(calibration, args.batch)
+    with staged_folder(out, overwrite=args.overwrite) as tmp:
+        results = export_schedule(qmodel, (), next(iter(examples.values())), tmp, list(examples), calibration=calibration)
+        manifest = json.loads((tmp / "manifest.json").read_text())
+        (tmp / "manifest.json").write_text(json.dumps({**manifest, "model": args.model}, indent=1))
+        (tmp / "inputs").mkdir()
+        for r in results:
+            flat = flat_inputs(qmodel.graph_module, normalize_inputs(model, (), examples[r.timestep], qmodel.timestep_arg))
+            names = [i.name for i in onnx.load(str(r.path), load_external_data=False).graph.input]
+            save_file({n: flat[n].float().contiguous() for n in names}, str(tmp / "inputs" / f"{r.path.stem}.safetensors"))
+        save(qmodel, tmp / "quantized")
+        contexts = compile_context([r.path for r in results], tmp / "context")
+    size = sum(p.stat().st_size for p in (out / "context").glob("*.bin"))
+    print(f"lowbit: {args.model} quantized with {recipe.name}: {len(results)} HTP graphs (batch {results[0].batch}, "
+          f"timesteps {', '.join(f'{r.timestep:g}' for r in results)}) in {out}")
+    print(f"lowbit: EPContext models {', '.join(p.name for p in contexts)} share one context binary of {size / 1e6:.2f} MB "
+          f"in {out / 'context'}")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from lowbit.lowering.onnx_qnn import verify_qnn
+    from lowbit.serialization import load
+
+    path = Path(args.model)
+    if not path.is_file():
+        raise ValueError(f"{path} does not exist")
+    folder = path.parent
+    inputs = reference = None
+    manifest = folder / "manifest.json"
+    if manifest.is_file() and (folder / "inputs" / f"{path.stem}.safetensors").is_file():
+        name = json.loads(manifest.read_text())["model"]
+        inputs = load_file(str(folder / "inputs" / f"{path.stem}.safetensors"))
+        reference = load(folder / "quantized", _fp_model(name))
+    report = verify_qnn(path, inputs, reference, context_dir=args.context_dir or folder / "verify")
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
+def add_commands(sub) -> None:
+    """Register ``export`` and ``verify-qnn`` on the ``lowbit`` command's subparsers."""
+    x = sub.add_parser("export", help="quantize a shipped model and export it for a target (qnn-htp: ONNX for the phone's HTP)")
+    x.add_argument("--target", default="qnn-htp", choices=("qnn-htp",), help="lowering target")
+    x.add_argument("--model", default="reference", choices=QNN_MODELS, help="the model to quantize and export")
+    x.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name or a .toml file")
+    x.add_argument("--prompts", type=int, default=8, help="calibration prompts (reference) or samples per timestep")
+    x.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
+    x.add_argument("--batch", type=int, default=2, help="the graphs' static batch: 2 x prompts per call (CFG pairs)")
+    x.add_argument("--out", default="out/qnn", help="output folder")
+    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    x.set_defaults(func=_cmd_export)
+    v = sub.add_parser("verify-qnn", help="load an exported model on the QNN HTP (v79) with no CPU fallback, compare, write its EPContext")
+    v.add_argument("model", help="an exported .onnx graph (lowbit export --target qnn-htp)")
+    v.add_argument("--context-dir", default=None, help="where to write the EPContext model (default: <folder>/verify)")
+    v.set_defaults(func=_cmd_verify)

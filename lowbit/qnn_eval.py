@@ -1,0 +1,99 @@
+"""Sampling through the phone's graphs: does text conditioning survive the trip to the HTP?
+
+The shipped reference model is quantized, exported as one QNN HTP graph per timestep of its
+25-step DPM-Solver schedule, and the HTP sessions (``HTPDenoiser``) denoise a whole sampling run
+that the evaluation harness scores beside lowbit's eager quantized model, on the same prompts and
+seeds. Besides the harness's metrics it measures how strongly each denoiser follows the text:
+the mean norm of the classifier-free-guidance difference eps(text) - eps(empty prompt) over every
+call of the run. Users report QNN W8A16 UNets whose conditioning is 20x weaker than in PyTorch;
+here the ratio HTP / eager is the check.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lowbit.evaluate import calibrate_reference
+from lowbit.evaluation.harness import evaluate
+from lowbit.evaluation.metrics import psnr
+from lowbit.lowering.onnx_qnn import HTPDenoiser, export_schedule
+from lowbit.models.reference import load_reference_model, make_sampler
+from lowbit.quantize import quantize
+
+__all__ = ["ConditioningProbe", "QnnEvalRow", "cfg_examples", "run_qnn_eval"]
+
+
+class ConditioningProbe(torch.nn.Module):
+    """Wraps a denoiser called with [unconditional; conditional] batches and records, per call,
+    the mean over images of ||eps_cond - eps_uncond|| (the signal classifier-free guidance scales)."""
+
+    def __init__(self, denoiser: torch.nn.Module):
+        super().__init__()
+        self.denoiser = denoiser
+        self.strengths: list[float] = []
+
+    def forward(self, **kwargs):
+        out = self.denoiser(**kwargs)
+        eps = out[0] if isinstance(out, (tuple, list)) else out.sample
+        uncond, cond = eps.float().chunk(2)
+        self.strengths.append(float((cond - uncond).flatten(1).norm(dim=1).mean()))
+        return out
+
+
+@dataclass(frozen=True)
+class QnnEvalRow:
+    model: str
+    fid: float
+    inception_score: float
+    alignment_seen: float
+    alignment_heldout: float
+    psnr_vs_eager: float | None
+    conditioning: float
+    seconds: float
+
+
+def cfg_examples(calibration: list, batch: int) -> dict[float, dict]:
+    """Per timestep, the first calibration call's inputs cut (or tiled) to ``batch`` rows, keeping the
+    classifier-free-guidance halves [unconditional; conditional] of the reference sampler."""
+    out = {}
+    for _, kw in calibration:
+        t = float(torch.as_tensor(kw["timestep"]).reshape(-1)[0])
+        if t in out:
+            continue
+        half = kw["hidden_states"].shape[0] // 2
+        idx = torch.arange(batch // 2) % half
+        out[t] = {k: torch.cat([v[idx], v[half + idx]]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v
+                  for k, v in kw.items() if k != "return_dict"}
+    return out
+
+
+def run_qnn_eval(recipe: str, samples: int, folder: str | Path, *, steps: int = 25, calibration_prompts: int = 16,
+                 seed: int = 0, progress: bool = False) -> tuple[list[QnnEvalRow], dict[str, torch.Tensor]]:
+    """Eager quantized model against its HTP export, ``samples`` images per prompt set, one row each.
+
+    The graphs' static batch is 2 x ``samples`` (the CFG pair of every prompt), so each set of
+    prompts is one denoiser call per step.
+    """
+    model = load_reference_model()
+    calibration = calibrate_reference(model, calibration_prompts, steps, progress=progress)
+    qmodel = quantize(model, recipe, calibration, progress=progress)
+    examples = cfg_examples(calibration, 2 * samples)
+    export_schedule(qmodel, (), next(iter(examples.values())), folder, list(examples), calibration=calibration)
+    denoisers = {f"{recipe} (eager)": ConditioningProbe(qmodel), f"{recipe} (QNN HTP)": ConditioningProbe(HTPDenoiser(folder))}
+    rows, images = [], {}
+    for name, probe in denoisers.items():
+        start = time.perf_counter()
+        result = evaluate(make_sampler(probe, steps=steps), samples, seed=seed, batch_size=samples)
+        images[name] = result.images_seen
+        reference = next(iter(images.values()))
+        rows.append(QnnEvalRow(
+            model=name, fid=result.fid, inception_score=result.inception_score, alignment_seen=result.alignment_seen,
+            alignment_heldout=result.alignment_heldout,
+            psnr_vs_eager=None if len(rows) == 0 else float(np.mean([psnr(a, b) for a, b in zip(result.images_seen, reference)])),
+            conditioning=float(np.mean(probe.strengths)), seconds=time.perf_counter() - start))
+    return rows, images

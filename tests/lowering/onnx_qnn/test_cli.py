@@ -1,0 +1,26 @@
+"""``lowbit export --target qnn-htp`` writes the graphs, the shared EPContext binary and what
+``lowbit verify-qnn`` needs to compare a graph with lowbit's eager module."""
+
+import json
+
+from lowbit.cli import main
+
+
+def test_export_then_verify(tmp_path, capsys):
+    out = tmp_path / "qnn"
+    assert main(["export", "--target", "qnn-htp", "--model", "pixart", "--recipe", "minmax-w8a8",
+                 "--steps", "2", "--prompts", "1", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["model"] == "pixart" and len(manifest["graphs"]) == 2 and manifest["batch"] == 2
+    assert len(list((out / "context").glob("*.bin"))) == 1 and len(list((out / "context").glob("*_ctx.onnx"))) == 2
+    graph = out / next(iter(manifest["graphs"].values()))
+    capsys.readouterr()
+    assert main(["verify-qnn", str(graph)]) == 0
+    printed = capsys.readouterr().out
+    assert "with CPU fallback disabled" in printed and "relative L2 error against lowbit's eager quantized module" in printed
+    assert (out / "verify" / f"{graph.stem}_ctx.onnx").is_file()
+
+
+def test_export_refuses_an_odd_batch(tmp_path, capsys):
+    assert main(["export", "--model", "pixart", "--batch", "3", "--out", str(tmp_path / "x")]) == 2
+    assert "--batch must be an even number" in capsys.readouterr().err
