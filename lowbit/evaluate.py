@@ -14,6 +14,7 @@ import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -29,7 +30,7 @@ from lowbit.models.stress import load_stressed_reference_model
 from lowbit.quantize import quantize
 from lowbit.recipes import Recipe, get_recipe
 
-__all__ = ["EVAL_MODELS", "EvalRow", "calibrate_reference", "run_eval", "write_results"]
+__all__ = ["EVAL_MODELS", "EvalRow", "ReferenceCalibration", "calibrate_reference", "run_eval", "write_results"]
 
 CALIBRATION_SEED = 10_000  # prompt and noise seeds apart from every evaluation seed
 # the shipped reference model, and the same function with planted SD-like channel outliers
@@ -52,11 +53,32 @@ class EvalRow:
     seconds: float
 
 
+class ReferenceCalibration:
+    """The denoiser's inputs while the reference sampler draws ``prompts`` images (CFG batched),
+    produced ``chunk`` prompts at a time.
+
+    Iterating holds one chunk's sampling run (``steps`` inputs of 2 x chunk images) in memory,
+    never all prompts' — with ``lowbit.quantize``'s streaming statistics, calibration memory does
+    not grow with the number of prompts. Iterating again replays the same inputs (fixed seeds).
+    """
+
+    def __init__(self, model: torch.nn.Module, prompts: int = 64, steps: int = 25, chunk: int = 16, progress: bool = True):
+        if prompts < 1 or chunk < 1:
+            raise ValueError(f"prompts and chunk must be positive; got {prompts}, {chunk}")
+        self.model, self.prompts, self.steps, self.chunk, self.progress = model, prompts, steps, chunk, progress
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        texts, _, seeds = prompt_set(self.prompts, "seen", CALIBRATION_SEED)
+        for i in range(0, self.prompts, self.chunk):
+            emb, mask = text_encoder.encode(texts[i : i + self.chunk])
+            run = lambda: sample(self.model, emb, seeds[i : i + self.chunk], self.steps, prompt_mask=mask)  # noqa: E731
+            yield from record_inputs(self.model, run, total=self.steps, progress=self.progress)
+
+
 def calibrate_reference(model: torch.nn.Module, prompts: int = 64, steps: int = 25, progress: bool = True) -> list:
-    """The denoiser's inputs while the reference sampler draws ``prompts`` images (CFG batched)."""
-    texts, _, seeds = prompt_set(prompts, "seen", CALIBRATION_SEED)
-    emb, mask = text_encoder.encode(texts)
-    return record_inputs(model, lambda: sample(model, emb, seeds, steps, prompt_mask=mask), total=steps, progress=progress)
+    """All of the denoiser's calibration inputs at once, one batch of ``prompts`` per step (kept
+    in memory so that several recipes reuse them; ``ReferenceCalibration`` streams them)."""
+    return list(ReferenceCalibration(model, prompts, steps, chunk=prompts, progress=progress))
 
 
 def _mean_psnr(images: torch.Tensor, reference: torch.Tensor) -> float:

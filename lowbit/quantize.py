@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Iterable
+import itertools
+from typing import Iterable, Iterator
 
+import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -16,15 +18,16 @@ from lowbit.recipes import Recipe, get_recipe
 __all__ = ["quantize"]
 
 
-def _samples(calibration: Iterable) -> list[tuple[tuple, dict]]:
-    samples = []
+def _samples(calibration: Iterable) -> Iterator[tuple[tuple, dict]]:
+    """The calibration samples one at a time, checked, so that a streaming source is never held whole."""
+    empty = True
     for i, sample in enumerate(calibration):
         if not (isinstance(sample, (tuple, list)) and len(sample) == 2 and isinstance(sample[1], dict)):
             raise ValueError(f"calibration sample {i} must be an (args, kwargs) pair for model.forward; got {type(sample).__name__}")
-        samples.append((tuple(sample[0]), dict(sample[1])))
-    if not samples:
+        empty = False
+        yield tuple(sample[0]), dict(sample[1])
+    if empty:
         raise ValueError("calibration is empty: pass at least one (args, kwargs) pair (see lowbit.record_denoiser_inputs)")
-    return samples
 
 
 def quantize(model: torch.nn.Module, recipe: str | Recipe, calibration: Iterable, *,
@@ -33,20 +36,28 @@ def quantize(model: torch.nn.Module, recipe: str | Recipe, calibration: Iterable
 
     ``calibration`` is an iterable of ``(args, kwargs)`` for ``model.forward`` — for a diffusion
     denoiser, the inputs recorded over N prompts × T steps by :func:`lowbit.record_denoiser_inputs`.
+    It is read once, one sample at a time, so a generator streams it in constant memory.
     ``timestep_arg`` names the forward argument that carries the diffusion timestep.
     """
     recipe = get_recipe(recipe)
     samples = _samples(calibration)
-    gm = capture(model, *samples[0], timestep_arg=timestep_arg)
+    first = next(samples)
+    gm = capture(model, *first, timestep_arg=timestep_arg)
     ctx = PassContext(timestep_arg=timestep_arg)
     prepare = Pipeline(recipe.prepare_passes())
     gm = prepare.run(gm, ctx)
     signature = gm.meta[SIGNATURE_KEY]
+    keep = np.random.default_rng(0)  # a uniform, reproducible reservoir of samples for the convert passes
     with torch.no_grad():
-        for i, (args, kwargs) in enumerate(tqdm(samples, desc=f"calibrating {recipe.name}", disable=not progress, leave=False)):
+        calibrating = tqdm(itertools.chain([first], samples), desc=f"calibrating {recipe.name}", disable=not progress, leave=False)
+        for i, (args, kwargs) in enumerate(calibrating):
             inputs = normalize_inputs(model, args, kwargs, timestep_arg)
             signature.check(inputs, f"calibration sample {i}")
             gm(**inputs)
+            if i < recipe.kept_samples:
+                ctx.samples.append(inputs)
+            elif recipe.kept_samples and (slot := keep.integers(i + 1)) < recipe.kept_samples:
+                ctx.samples[slot] = inputs
     convert = Pipeline(recipe.convert_passes())
     gm = convert.run(gm, ctx)
     return QuantizedModel(gm, model, recipe, ctx.params, timestep_arg, prepare.records + convert.records)

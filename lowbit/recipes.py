@@ -22,6 +22,7 @@ from lowbit.passes.convert_to_quantized_ops import ConvertToQuantizedOps
 from lowbit.passes.detect_outlier_dim import DetectOutlierDim
 from lowbit.passes.group_activations import GroupActivations
 from lowbit.passes.insert_observers import InsertObservers
+from lowbit.passes.reconstruct_weights import ReconstructWeights
 from lowbit.passes.split_start_token import SplitStartToken
 
 __all__ = ["DGQ_DEFAULT_GROUPS", "RECIPE_VERSION", "Recipe", "RecipeError", "dgq", "get_recipe", "recipes"]
@@ -52,12 +53,16 @@ class Recipe:
     ``group_text_tokens`` lets eq. 5 pick the token axis also where it holds text positions
     (cross-attention keys and values); by default those operands are grouped along channels,
     because text positions change content with the phrasing (see group_activations).
+
+    ``weight_range`` "adaround" starts from the MSE ranges and learns each weight's rounding by
+    BRECQ block-wise reconstruction (reconstruct_weights), ``reconstruction_iterations`` per
+    block on ``reconstruction_samples`` calibration samples kept at random from the stream.
     """
 
     name: str
     weight_bits: float
     activation_bits: float
-    weight_range: Literal["minmax", "mse"] = "minmax"
+    weight_range: Literal["minmax", "mse", "adaround"] = "minmax"
     activation_mode: Literal["static", "per_timestep"] = "per_timestep"
     quantize_attention: bool = True
     attention_bits: float | None = None
@@ -69,6 +74,8 @@ class Recipe:
     start_token: bool = False
     dynamic_attention_scale: bool = False
     group_text_tokens: bool = False
+    reconstruction_iterations: int = 200
+    reconstruction_samples: int = 8
     version: int = RECIPE_VERSION
 
     def __post_init__(self) -> None:
@@ -78,8 +85,11 @@ class Recipe:
             bits = getattr(self, field)
             if bits is not None and not (MIN_BITS <= float(bits) <= MAX_BITS):
                 raise RecipeError(f"recipe {self.name!r}: {field} = {bits} is outside [{MIN_BITS:g}, {MAX_BITS:g}]")
-        if self.weight_range not in ("minmax", "mse"):
-            raise RecipeError(f"recipe {self.name!r}: weight_range must be 'minmax' or 'mse', not {self.weight_range!r}")
+        if self.weight_range not in ("minmax", "mse", "adaround"):
+            raise RecipeError(f"recipe {self.name!r}: weight_range must be 'minmax', 'mse' or 'adaround', not {self.weight_range!r}")
+        for field in ("reconstruction_iterations", "reconstruction_samples"):
+            if not isinstance(getattr(self, field), int) or getattr(self, field) < 1:
+                raise RecipeError(f"recipe {self.name!r}: {field} must be a positive integer, not {getattr(self, field)!r}")
         if self.activation_mode not in ("static", "per_timestep"):
             raise RecipeError(f"recipe {self.name!r}: activation_mode must be 'static' or 'per_timestep', not {self.activation_mode!r}")
         if self.groups is not None and (not isinstance(self.groups, int) or self.groups < 1):
@@ -99,9 +109,16 @@ class Recipe:
         """Passes before calibration: rewrite, annotate, observe."""
         return self.structure_passes() + [InsertObservers()]
 
+    @property
+    def kept_samples(self) -> int:
+        """Calibration samples that lowbit.quantize keeps for the convert passes (weight reconstruction)."""
+        return self.reconstruction_samples if self.weight_range == "adaround" else 0
+
     def convert_passes(self) -> list[Pass]:
         """Passes after calibration: choose parameters, emit quantized ops."""
-        passes: list[Pass] = [ChooseQuantParams(self.weight_range)]
+        passes: list[Pass] = [ChooseQuantParams("mse" if self.weight_range == "adaround" else self.weight_range)]
+        if self.weight_range == "adaround":
+            passes += [ReconstructWeights(self.reconstruction_iterations)]
         if self.groups is not None:
             passes += [DetectOutlierDim()] if self.select_dim else []
             passes += [GroupActivations(self.groups, self.select_dim, self.group_text_tokens)]
@@ -156,6 +173,7 @@ def _builtin() -> dict[str, Recipe]:
         for a in _BASELINE_BITS:
             out[f"minmax-w{w}a{a}"] = Recipe(f"minmax-w{w}a{a}", w, a)
             out[f"mse-w{w}a{a}"] = Recipe(f"mse-w{w}a{a}", w, a, weight_range="mse")
+            out[f"adaround-w{w}a{a}"] = Recipe(f"adaround-w{w}a{a}", w, a, weight_range="adaround")
     for w in _DGQ_WEIGHT_BITS:
         for a in _DGQ_ACTIVATION_BITS:
             out[f"dgq-w{w}a{a}"] = dgq(w, a, name=f"dgq-w{w}a{a}")

@@ -30,11 +30,14 @@ class PassContext:
 
     ``params`` maps a quantization target ("<layer path>:<operand>") to its parameters; it is
     what ``lowbit.save`` writes and what ``lowbit.load`` replays into a freshly captured graph.
+    ``samples`` holds graph inputs (keyword arguments) kept from calibration for passes that run
+    the model again (weight reconstruction); it stays empty unless a recipe asks for them.
     """
 
     timestep_arg: str | None = "timestep"
     observations: ObservationStore = field(default_factory=ObservationStore)
     params: dict[str, OperandParams] = field(default_factory=dict)
+    samples: list[dict] = field(default_factory=list)
 
 
 class PassError(RuntimeError):
