@@ -193,8 +193,8 @@ def main() -> None:
         sections += measure("shipped reference model, CFG batch 2 x 2 prompts", model, None, args.rounds, calibration)
     load = os.getloadavg()[0]
     header = [f"Device: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}. "
-              f"Load average (1 min) at the start {load_at_start:.1f}, at the end {load:.1f}: above "
-              f"{os.cpu_count()} other processes shared the cores, which slows every variant and compresses the ratios.", "",
+              f"Load average (1 min) at the start {load_at_start:.1f}, at the end {load:.1f} (a load above "
+              f"{os.cpu_count()} means other processes shared the cores, which slows every variant and compresses the ratios).", "",
               f"Command: `{' '.join(['.venv/bin/python', 'bench/compile_cpu.py', *sys.argv[1:]])}`", ""]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text("\n".join(header + sections))
