@@ -22,7 +22,7 @@ from lowbit.quantize import quantize
 from lowbit.recipes import Recipe, RecipeError, get_recipe, recipes
 from lowbit.report import format_table, layer_report, write_csv, write_json
 from lowbit.serialization import save
-from lowbit.staging import OutputExistsError, staged_folder
+from lowbit.staging import OutputExistsError, add_output_arguments, output_folder, staged_folder
 
 __all__ = ["main"]
 
@@ -36,19 +36,11 @@ def _recipe(value: str) -> Recipe:
     return get_recipe(value)
 
 
-def _output_folder(args: argparse.Namespace) -> Path:
-    """Refuse an existing output folder before the long work starts, not after."""
-    out = Path(args.out)
-    if out.exists() and not args.overwrite:
-        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
-    return out
-
-
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.pipelines import pipeline_calls, tiny_pipeline
 
     recipe = _recipe(args.recipe)
-    out = _output_folder(args)
+    out = output_folder(args)
     pipe = tiny_pipeline(args.model)
     denoiser_attr = "transformer" if args.model == "pixart" else "unet"
     denoiser = getattr(pipe, denoiser_attr)
@@ -79,7 +71,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.evaluate import markdown, run_eval, write_results
 
-    out = _output_folder(args)
+    out = output_folder(args)
     rows, grid = run_eval([_recipe(r) for r in args.recipe], args.samples, seed=args.seed,
                           steps=args.steps, calibration_prompts=args.calibration_prompts, model_name=args.model)
     print(markdown(rows))
@@ -93,7 +85,7 @@ def _cmd_figures(args: argparse.Namespace) -> int:
     from lowbit.evaluate import EVAL_MODELS
     from lowbit.figures import make_figures
 
-    out = _output_folder(args)
+    out = output_folder(args)
     model = EVAL_MODELS[args.model]()
     with staged_folder(out, overwrite=args.overwrite) as tmp:
         paths = make_figures(model, args.layer, tmp, attention=args.attention, label=args.model,
@@ -121,8 +113,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--prompts", type=int, default=8, help="calibration prompts")
     q.add_argument("--steps", type=int, default=25, help="denoising steps per prompt (DGQ uses 25)")
     q.add_argument("--samples", type=int, default=4, help="images generated for the comparison picture")
-    q.add_argument("--out", default="out/quantize", help="output folder")
-    q.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output_arguments(q, "out/quantize")
     q.set_defaults(func=_cmd_quantize)
     e = sub.add_parser("eval", help="full precision and recipes side by side on the shipped reference model")
     e.add_argument("--model", default="reference", choices=list(EVAL_MODELS),
@@ -132,8 +123,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0, help="prompt and noise seed")
     e.add_argument("--steps", type=int, default=25, help="sampling steps (DGQ uses 25)")
     e.add_argument("--calibration-prompts", type=int, default=64, help="calibration prompts (DGQ uses 64)")
-    e.add_argument("--out", default="out/eval", help="output folder")
-    e.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output_arguments(e, "out/eval")
     e.set_defaults(func=_cmd_eval)
     f = sub.add_parser("figures", help="DGQ Figures 4 and 5 for one layer: activation heatmap, attention histogram (PNG)")
     f.add_argument("--layer", required=True, help="a linear layer whose input is pictured, e.g. transformer_blocks.2.attn1.to_q")
@@ -142,8 +132,7 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--prompts", type=int, default=4, help="prompts sampled (seen phrasings)")
     f.add_argument("--steps", type=int, default=25, help="sampling steps")
     f.add_argument("--step", type=int, default=None, help="the step whose activation is pictured (default: the middle one)")
-    f.add_argument("--out", default="out/figures", help="output folder")
-    f.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output_arguments(f, "out/figures")
     f.set_defaults(func=_cmd_figures)
     r = sub.add_parser("recipes", help="list the built-in recipes")
     r.set_defaults(func=_cmd_recipes)

@@ -1,11 +1,12 @@
-"""``lowbit export --target qnn-htp`` and ``lowbit verify-qnn``: the command-line side of the QNN lowering.
+"""``lowbit export --target qnn-htp``, ``lowbit verify-qnn`` and ``lowbit eval-qnn``: the command-line side of the QNN lowering.
 
 ``export`` quantizes a shipped model (the reference digits model or a small diffusers config),
 writes one HTP graph per timestep of its sampling schedule, the example inputs of each, the
 quantized model itself (to compare against), a manifest, and the weight-shared EPContext binary
 a phone loads. ``verify-qnn`` loads one exported graph on the HTP with CPU fallback disabled,
 names any node that would not map, compares it with lowbit's eager module when the export folder
-holds one, and writes that graph's EPContext model.
+holds one, and writes that graph's EPContext model. ``eval-qnn`` samples the reference model
+with the HTP graphs as its denoiser and scores the images beside lowbit's eager module.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from lowbit.staging import add_output_arguments, output_folder, staged_folder
 
 __all__ = ["add_commands"]
 
@@ -55,18 +58,17 @@ def _calibration(name: str, model: torch.nn.Module, prompts: int, steps: int) ->
 def _cmd_export(args: argparse.Namespace) -> int:
     import onnx
 
-    from lowbit.cli import _output_folder, _recipe
+    from lowbit.cli import _recipe
     from lowbit.ir.capture import normalize_inputs
     from lowbit.lowering.onnx_qnn import compile_context, export_schedule
     from lowbit.lowering.onnx_qnn.specialize import flat_inputs
     from lowbit.qnn_eval import cfg_examples
     from lowbit.quantize import quantize
     from lowbit.serialization import save
-    from lowbit.staging import staged_folder
 
     if args.batch < 2 or args.batch % 2:
         raise ValueError(f"--batch must be an even number (prompt pairs for classifier-free guidance); got {args.batch}")
-    out = _output_folder(args)
+    out = output_folder(args)
     model = _fp_model(args.model)
     recipe = _recipe(args.recipe)
     calibration = _calibration(args.model, model, args.prompts, args.steps)
@@ -110,8 +112,25 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def _cmd_eval_qnn(args: argparse.Namespace) -> int:
+    from lowbit.evaluation.grid import save_grid
+    from lowbit.qnn_eval import margins, markdown, run_qnn_eval
+
+    out = output_folder(args)
+    with staged_folder(out, overwrite=args.overwrite) as tmp:
+        rows, images = run_qnn_eval(args.recipe, args.samples, tmp / "graphs", steps=args.steps,
+                                    calibration_prompts=args.calibration_prompts, progress=True)
+        table = markdown(rows, args.samples)
+        (tmp / "eval_qnn.md").write_text(table + "\n")
+        first = {name: images[name][:10] * 2 - 1 for name in list(images)[:2]}  # same prompts and seeds, one row each
+        save_grid(first, tmp / "samples.png")
+    print(table)
+    print(f"lowbit: wrote {out}/eval_qnn.md, {out}/samples.png and the HTP graphs in {out}/graphs")
+    return 0 if all(ok for *_, ok in margins(rows, args.samples)) else 1
+
+
 def add_commands(sub) -> None:
-    """Register ``export`` and ``verify-qnn`` on the ``lowbit`` command's subparsers."""
+    """Register ``export``, ``verify-qnn`` and ``eval-qnn`` on the ``lowbit`` command's subparsers."""
     x = sub.add_parser("export", help="quantize a shipped model and export it for a target (qnn-htp: ONNX for the phone's HTP)")
     x.add_argument("--target", default="qnn-htp", choices=("qnn-htp",), help="lowering target")
     x.add_argument("--model", default="reference", choices=QNN_MODELS, help="the model to quantize and export")
@@ -119,10 +138,16 @@ def add_commands(sub) -> None:
     x.add_argument("--prompts", type=int, default=8, help="calibration prompts (reference) or samples per timestep")
     x.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
     x.add_argument("--batch", type=int, default=2, help="the graphs' static batch: 2 x prompts per call (CFG pairs)")
-    x.add_argument("--out", default="out/qnn", help="output folder")
-    x.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_output_arguments(x, "out/qnn")
     x.set_defaults(func=_cmd_export)
     v = sub.add_parser("verify-qnn", help="load an exported model on the QNN HTP (v79) with no CPU fallback, compare, write its EPContext")
     v.add_argument("model", help="an exported .onnx graph (lowbit export --target qnn-htp)")
     v.add_argument("--context-dir", default=None, help="where to write the EPContext model (default: <folder>/verify)")
     v.set_defaults(func=_cmd_verify)
+    e = sub.add_parser("eval-qnn", help="sample the reference model with its HTP graphs as the denoiser; score it beside eager")
+    e.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name")
+    e.add_argument("--samples", type=int, default=100, help="images per prompt set; the graphs' batch is 2 x samples")
+    e.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
+    e.add_argument("--calibration-prompts", type=int, default=16, help="calibration prompts")
+    add_output_arguments(e, "out/eval-qnn")
+    e.set_defaults(func=_cmd_eval_qnn)

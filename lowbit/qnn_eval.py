@@ -7,6 +7,11 @@ seeds. Besides the harness's metrics it measures how strongly each denoiser foll
 the mean norm of the classifier-free-guidance difference eps(text) - eps(empty prompt) over every
 call of the run. Users report QNN W8A16 UNets whose conditioning is 20x weaker than in PyTorch;
 here the ratio HTP / eager is the check.
+
+The margins are measured, not chosen: alignment may differ by two standard errors of the
+difference of two fractions of n images; FID by the eager model's own seed-to-seed spread (the
+eager model sampled again with the next seed, a third row), since a difference smaller than what
+another seed gives cannot be told from noise.
 """
 
 from __future__ import annotations
@@ -19,13 +24,13 @@ import numpy as np
 import torch
 
 from lowbit.evaluate import calibrate_reference
-from lowbit.evaluation.harness import evaluate
+from lowbit.evaluation.harness import alignment_slack, evaluate
 from lowbit.evaluation.metrics import psnr
 from lowbit.lowering.onnx_qnn import HTPDenoiser, export_schedule
 from lowbit.models.reference import load_reference_model, make_sampler
 from lowbit.quantize import quantize
 
-__all__ = ["ConditioningProbe", "QnnEvalRow", "cfg_examples", "run_qnn_eval"]
+__all__ = ["ConditioningProbe", "QnnEvalRow", "cfg_examples", "margins", "markdown", "run_qnn_eval"]
 
 
 class ConditioningProbe(torch.nn.Module):
@@ -74,7 +79,8 @@ def cfg_examples(calibration: list, batch: int) -> dict[float, dict]:
 
 def run_qnn_eval(recipe: str, samples: int, folder: str | Path, *, steps: int = 25, calibration_prompts: int = 16,
                  seed: int = 0, progress: bool = False) -> tuple[list[QnnEvalRow], dict[str, torch.Tensor]]:
-    """Eager quantized model against its HTP export, ``samples`` images per prompt set, one row each.
+    """Eager quantized model against its HTP export, ``samples`` images per prompt set, one row each,
+    and a third row: the eager model with the next seed, the yardstick of ``margins``.
 
     The graphs' static batch is 2 x ``samples`` (the CFG pair of every prompt), so each set of
     prompts is one denoiser call per step.
@@ -84,16 +90,44 @@ def run_qnn_eval(recipe: str, samples: int, folder: str | Path, *, steps: int = 
     qmodel = quantize(model, recipe, calibration, progress=progress)
     examples = cfg_examples(calibration, 2 * samples)
     export_schedule(qmodel, (), next(iter(examples.values())), folder, list(examples), calibration=calibration)
-    denoisers = {f"{recipe} (eager)": ConditioningProbe(qmodel), f"{recipe} (QNN HTP)": ConditioningProbe(HTPDenoiser(folder))}
+    runs = {f"{recipe} (eager)": (ConditioningProbe(qmodel), seed),
+            f"{recipe} (QNN HTP)": (ConditioningProbe(HTPDenoiser(folder)), seed),
+            f"{recipe} (eager, seed {seed + 1})": (ConditioningProbe(qmodel), seed + 1)}
     rows, images = [], {}
-    for name, probe in denoisers.items():
+    for name, (probe, run_seed) in runs.items():
         start = time.perf_counter()
-        result = evaluate(make_sampler(probe, steps=steps), samples, seed=seed, batch_size=samples)
+        result = evaluate(make_sampler(probe, steps=steps), samples, seed=run_seed, batch_size=samples)
         images[name] = result.images_seen
         reference = next(iter(images.values()))
         rows.append(QnnEvalRow(
             model=name, fid=result.fid, inception_score=result.inception_score, alignment_seen=result.alignment_seen,
             alignment_heldout=result.alignment_heldout,
-            psnr_vs_eager=None if len(rows) == 0 else float(np.mean([psnr(a, b) for a, b in zip(result.images_seen, reference)])),
+            psnr_vs_eager=None if len(rows) == 0 or run_seed != seed else float(np.mean([psnr(a, b) for a, b in zip(result.images_seen, reference)])),
             conditioning=float(np.mean(probe.strengths)), seconds=time.perf_counter() - start))
     return rows, images
+
+
+def margins(rows: list[QnnEvalRow], samples: int) -> list[tuple[str, float, float, float, bool]]:
+    """Per metric: (name, eager, HTP, margin, HTP within the margin of eager); see the module docstring."""
+    eager, htp, other_seed = rows
+    fid_margin = abs(eager.fid - other_seed.fid)
+    out = [("FID", eager.fid, htp.fid, fid_margin, abs(htp.fid - eager.fid) <= fid_margin)]
+    for label, field in (("alignment, seen phrasings", "alignment_seen"), ("alignment, held-out phrasings", "alignment_heldout")):
+        a, b = getattr(eager, field), getattr(htp, field)
+        margin = alignment_slack(a, b, samples)
+        out.append((label, a, b, margin, abs(b - a) <= margin))
+    return out
+
+
+def markdown(rows: list[QnnEvalRow], samples: int) -> str:
+    """The rows, then the eager-vs-HTP comparison with its margins."""
+    lines = ["| denoiser | FID | IS | align seen | align held-out | PSNR vs eager (dB) | CFG signal | time (s) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        psnr_cell = "–" if r.psnr_vs_eager is None else f"{r.psnr_vs_eager:.2f}"
+        lines.append(f"| {r.model} | {r.fid:.1f} | {r.inception_score:.3f} | {r.alignment_seen:.3f} | {r.alignment_heldout:.3f} "
+                     f"| {psnr_cell} | {r.conditioning:.3f} | {r.seconds:.0f} |")
+    lines += ["", "| metric | eager | QNN HTP | margin | within? |", "|---|---:|---:|---:|---|"]
+    lines += [f"| {name} | {a:.3f} | {b:.3f} | {m:.3f} | {'yes' if ok else 'no'} |" for name, a, b, m, ok in margins(rows, samples)]
+    lines.append(f"\nCFG signal HTP / eager: {rows[1].conditioning / rows[0].conditioning:.3f}")
+    return "\n".join(lines)

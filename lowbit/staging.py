@@ -6,6 +6,7 @@ an error, a bad input or Ctrl-C never leaves a half-written model or report behi
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import tempfile
@@ -13,11 +14,25 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["OutputExistsError", "staged_folder"]
+__all__ = ["OutputExistsError", "add_output_arguments", "output_folder", "staged_folder"]
 
 
 class OutputExistsError(FileExistsError):
     """The output folder exists and overwriting was not asked for."""
+
+
+def add_output_arguments(parser: argparse.ArgumentParser, default: str) -> None:
+    """A command's ``--out`` folder and its ``--overwrite`` switch."""
+    parser.add_argument("--out", default=default, help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+
+
+def output_folder(args: argparse.Namespace) -> Path:
+    """Refuse an existing output folder before the long work starts, not after."""
+    out = Path(args.out)
+    if out.exists() and not args.overwrite:
+        raise OutputExistsError(f"{out} already exists; pass --overwrite to replace it")
+    return out
 
 
 @contextmanager
