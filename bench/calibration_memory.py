@@ -7,8 +7,9 @@ run in a fresh process, in two ways:
 
 - **streamed**: ``ReferenceCalibration`` samples 16 prompts at a time and ``lowbit.quantize``
   reads each denoiser input once; nothing but the statistics outlives a chunk;
-- **recorded**: ``calibrate_reference`` keeps every denoiser input in a list first (what
-  ``lowbit eval`` does, so that several recipes reuse one sampling run).
+- **recorded**: ``calibrate_reference`` keeps every denoiser input in a list first, one CFG batch
+  of all prompts per step (what ``record_denoiser_inputs`` gives for a pipeline, and what
+  ``lowbit eval`` did before it streamed).
 
 It reports the process's peak resident memory above what it held before calibration began
 (``ru_maxrss``), and writes ``bench/results/calibration_memory.md``.

@@ -3,7 +3,7 @@
 (a) group quantization alone (K = 8, eq. 4-7), attention quantization alone (log2 + start-token
 split + dynamic scale, eq. 2, 8-9) and both; (b) K in {1, 2, 4, 8, 16} with and without
 dimension selection (eq. 4-5; without it, groups run along channels), attention quantization
-off. Every model samples the same prompts and seeds. The paper ablates at W8A8; on this model
+off; (c) each of the attention part's three switches alone (eq. 2, 9, 8), to find which one costs. Every model samples the same prompts and seeds. The paper ablates at W8A8; on this model
 W8A8 is within sampling noise of full precision for every recipe (Table 2), so the default is
 W8A6, where the parts have something to fix. (DGQ's Table 2 itself is one ``lowbit eval``
 command; the README gives it.)
@@ -34,6 +34,9 @@ def ablation(w: int, a: int) -> list[Recipe]:
     for select in (True, False):
         out += [Recipe(f"(b) K={k}, {'with' if select else 'without'} dim selection", w, a, groups=k, select_dim=select)
                 for k in GROUPS]
+    out += [Recipe("(c) log2 alone", w, a, attention_scheme="log2"),
+            Recipe("(c) start-token split alone", w, a, start_token=True),
+            Recipe("(c) dynamic scale alone", w, a, dynamic_attention_scale=True)]
     return [Recipe(f"minmax-w{w}a{a}", w, a)] + out
 
 

@@ -5,7 +5,7 @@ an attention matmul the bits of its two operands. They are counted by running th
 given inputs (an fx Interpreter reads the real shapes), per denoiser call. Model size counts
 integer weights at their bit-width and every other tensor at its storage size, the quantization
 parameters included. Group parameters count as a deployment stores them — K scales and zero
-points per timestep plus a one-byte group label per vector — not as the per-vector tables the
+points per timestep plus a one-byte group label per vector (none for K = 1) — not as the per-vector tables the
 reference ops broadcast; ``quant_param_bytes`` is that part alone (DGQ: 2.29 MB for SD-1.4 at
 25 steps x 16 groups).
 """
@@ -92,7 +92,8 @@ def _stored_bytes(model: QuantizedModel) -> dict[int, float]:
             stored[id(p.qvalues)] = p.qvalues.numel() * p.spec.bits / 8
         if p.spec.granularity == "group":
             rows, vectors = len(p.spec.groups), len(p.spec.groups[0])
-            stored[id(p.scale)] = rows * p.spec.num_groups * 4 + rows * vectors  # K floats + labels per row
+            labels = rows * vectors if p.spec.num_groups > 1 else 0  # one group needs no labels
+            stored[id(p.scale)] = rows * p.spec.num_groups * 4 + labels  # K floats + labels per row
             stored[id(p.zero_point)] = rows * p.spec.num_groups * 4
     return stored
 

@@ -8,12 +8,12 @@ them without replacing the pipeline's module. Call the pipeline with ``prompt_em
 
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
-__all__ = ["record_denoiser_inputs", "record_inputs"]
+__all__ = ["DenoiserInputStream", "record_denoiser_inputs", "record_inputs"]
 
 
 def _detached(value):
@@ -54,16 +54,29 @@ def record_inputs(module: torch.nn.Module, run: Callable[[], object], *, total: 
     return recorded
 
 
+class DenoiserInputStream:
+    """The denoiser's inputs over ``calls``, recorded one pipeline call at a time.
+
+    ``lowbit.quantize`` reads calibration once and keeps only statistics, so with this source its
+    memory holds one call's inputs (T steps), never N prompts' — calibration memory does not grow
+    with the number of prompts. Iterating again runs the pipeline again; the inputs repeat when
+    the calls fix their noise (``latents``, or generators that are not shared across iterations).
+    """
+
+    def __init__(self, pipe, calls: Iterable[dict], *, progress: bool = True):
+        self.pipe, self.calls, self.progress = pipe, list(calls), progress
+        self.denoiser = _denoiser(pipe)
+
+    def __iter__(self) -> Iterator[tuple[tuple, dict]]:
+        for call in tqdm(self.calls, desc="calibration prompts", disable=not self.progress or len(self.calls) < 2, leave=False):
+            yield from record_inputs(self.denoiser, lambda call=call: self.pipe(**call),
+                                     total=int(call.get("num_inference_steps", 50)), progress=self.progress)
+
+
 def record_denoiser_inputs(pipe, calls: Iterable[dict], *, progress: bool = True) -> list[tuple[tuple, dict]]:
-    """Run ``pipe(**call)`` for each call and return every denoiser input as ``(args, kwargs)``.
+    """Run ``pipe(**call)`` for each call and return every denoiser input as ``(args, kwargs)``,
+    all kept in memory (``DenoiserInputStream`` streams them instead).
 
     Each ``call`` is a dict of pipeline arguments, e.g. ``{"prompt_embeds": e, "num_inference_steps": 25}``.
     """
-    calls = list(calls)
-
-    def run() -> None:
-        for call in calls:
-            pipe(**call)
-
-    total = sum(int(c.get("num_inference_steps", 50)) for c in calls)
-    return record_inputs(_denoiser(pipe), run, total=total, progress=progress)
+    return list(DenoiserInputStream(pipe, calls, progress=progress))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.calibration import record_denoiser_inputs
+from lowbit.calibration import DenoiserInputStream
 from lowbit.evaluation.grid import save_grid
 from lowbit.qnn_cli import add_commands as add_qnn_commands
 from lowbit.quantize import quantize
@@ -46,7 +46,7 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     denoiser = getattr(pipe, denoiser_attr)
     print(f"lowbit: {args.model} ({type(denoiser).__name__}, "
           f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters), recipe {recipe.name}")
-    calib = record_denoiser_inputs(pipe, pipeline_calls(args.model, args.prompts, args.steps, seed=0))
+    calib = DenoiserInputStream(pipe, pipeline_calls(args.model, args.prompts, args.steps, seed=0))  # memory: one prompt's inputs
     qmodel = quantize(denoiser, recipe, calib)
     for record in qmodel.records:
         print("  pass", record.summary())

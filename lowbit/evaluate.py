@@ -1,8 +1,8 @@
 """``lowbit eval``: full precision and each recipe side by side on the shipped reference model.
 
 The reference denoiser is calibrated on its own sampler's inputs (DGQ §4.1: 64 prompts × 25
-steps), quantized with each recipe, and every model is scored by the same harness on the same
-prompts and seeds: digit-FID, IS, alignment on seen and held-out phrasings, PSNR against the
+steps, streamed), quantized with each recipe, and every model is scored by the same harness on
+the same prompts and seeds: digit-FID, IS, alignment on seen and held-out phrasings, PSNR against the
 full-precision samples, BOPs per denoiser call and model size. Results are one table (printed,
 and written as CSV and markdown) and one PNG grid, a row per model, the same seeds per column.
 """
@@ -67,6 +67,10 @@ class ReferenceCalibration:
             raise ValueError(f"prompts and chunk must be positive; got {prompts}, {chunk}")
         self.model, self.prompts, self.steps, self.chunk, self.progress = model, prompts, steps, chunk, progress
 
+    def __len__(self) -> int:
+        """Denoiser calls per pass: one per step for each chunk (the progress bars' total)."""
+        return math.ceil(self.prompts / self.chunk) * self.steps
+
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:
         texts, _, seeds = prompt_set(self.prompts, "seen", CALIBRATION_SEED)
         for i in range(0, self.prompts, self.chunk):
@@ -98,16 +102,21 @@ def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps:
         raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(EVAL_MODELS)}")
     model = EVAL_MODELS[model_name]()
     recipes = [get_recipe(r) for r in recipes]
-    calibration = calibrate_reference(model, calibration_prompts, steps, progress) if recipes else []
-    example = calibration[0] if calibration else None
-    entries: list[tuple[str, float, float, Sampler, torch.nn.Module | None]] = [
-        ("full precision", 32, 32, make_sampler(model, steps=steps), model)]
-    for recipe in recipes:
-        qmodel = quantize(model, recipe, calibration, progress=progress)
-        entries.append((recipe.name, recipe.weight_bits, recipe.activation_bits, make_sampler(qmodel, steps=steps), qmodel))
-    entries += [(name, math.nan, math.nan, sampler, None) for name, sampler in (extra_samplers or {}).items()]
+    # streamed and replayed for every recipe: memory stays at one chunk's inputs however many
+    # prompts calibrate (bench/calibration_memory.py), for a few seconds of sampling per recipe
+    calibration = ReferenceCalibration(model, calibration_prompts, steps, progress=progress)
+    example = next(iter(calibration)) if recipes else None
+
+    def entries() -> Iterator[tuple[str, float, float, Sampler, torch.nn.Module | None]]:
+        """One model at a time: each quantized model is freed once it is scored."""
+        yield "full precision", 32, 32, make_sampler(model, steps=steps), model
+        for recipe in recipes:
+            qmodel = quantize(model, recipe, calibration, progress=progress)
+            yield recipe.name, recipe.weight_bits, recipe.activation_bits, make_sampler(qmodel, steps=steps), qmodel
+        yield from ((name, math.nan, math.nan, sampler, None) for name, sampler in (extra_samplers or {}).items())
+
     rows, grid, fp_images = [], {}, None
-    for name, w_bits, a_bits, sampler, denoiser in entries:
+    for name, w_bits, a_bits, sampler, denoiser in entries():
         start = time.perf_counter()
         result = evaluate(sampler, samples, seed=seed)
         seconds = time.perf_counter() - start

@@ -119,7 +119,8 @@ def _cmd_eval_qnn(args: argparse.Namespace) -> int:
     out = output_folder(args)
     with staged_folder(out, overwrite=args.overwrite) as tmp:
         rows, images = run_qnn_eval(args.recipe, args.samples, tmp / "graphs", steps=args.steps,
-                                    calibration_prompts=args.calibration_prompts, progress=True)
+                                    calibration_prompts=args.calibration_prompts, reseeds=args.reseeds,
+                                    batch=args.batch, progress=True)
         table = markdown(rows, args.samples)
         (tmp / "eval_qnn.md").write_text(table + "\n")
         first = {name: images[name][:10] * 2 - 1 for name in list(images)[:2]}  # same prompts and seeds, one row each
@@ -146,7 +147,9 @@ def add_commands(sub) -> None:
     v.set_defaults(func=_cmd_verify)
     e = sub.add_parser("eval-qnn", help="sample the reference model with its HTP graphs as the denoiser; score it beside eager")
     e.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name")
-    e.add_argument("--samples", type=int, default=100, help="images per prompt set; the graphs' batch is 2 x samples")
+    e.add_argument("--samples", type=int, default=100, help="images per prompt set")
+    e.add_argument("--batch", type=int, default=20, help="the graphs' static batch (CFG pairs); calls run in chunks of it")
+    e.add_argument("--reseeds", type=int, default=3, help="further noise seeds of the eager model: FID's margin is 2 SD over seeds")
     e.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
     e.add_argument("--calibration-prompts", type=int, default=16, help="calibration prompts")
     add_output_arguments(e, "out/eval-qnn")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import itertools
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, Sized
 
 import numpy as np
 import torch
@@ -35,8 +35,8 @@ def quantize(model: torch.nn.Module, recipe: str | Recipe, calibration: Iterable
     """A quantized copy of ``model``; the original module is left untouched.
 
     ``calibration`` is an iterable of ``(args, kwargs)`` for ``model.forward`` — for a diffusion
-    denoiser, the inputs recorded over N prompts × T steps by :func:`lowbit.record_denoiser_inputs`.
-    It is read once, one sample at a time, so a generator streams it in constant memory.
+    denoiser, the inputs over N prompts × T steps, e.g. :class:`lowbit.DenoiserInputStream`.
+    It is read once, one sample at a time, so a stream or generator keeps memory constant.
     ``timestep_arg`` names the forward argument that carries the diffusion timestep.
     """
     recipe = get_recipe(recipe)
@@ -49,7 +49,8 @@ def quantize(model: torch.nn.Module, recipe: str | Recipe, calibration: Iterable
     signature = gm.meta[SIGNATURE_KEY]
     keep = np.random.default_rng(0)  # a uniform, reproducible reservoir of samples for the convert passes
     with torch.no_grad():
-        calibrating = tqdm(itertools.chain([first], samples), desc=f"calibrating {recipe.name}", disable=not progress, leave=False)
+        calibrating = tqdm(itertools.chain([first], samples), desc=f"calibrating {recipe.name}", disable=not progress, leave=False,
+                           total=len(calibration) if isinstance(calibration, Sized) else None)
         for i, (args, kwargs) in enumerate(calibrating):
             inputs = normalize_inputs(model, args, kwargs, timestep_arg)
             signature.check(inputs, f"calibration sample {i}")

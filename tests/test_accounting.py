@@ -37,3 +37,7 @@ def test_bops_are_flops_times_bits_and_size_counts_bits():
     g = cost(lowbit.quantize(model, grouped, calib, progress=False), *calib[0])
     group_tables = 2 * (2 * 2 * 4 + 8) + 2 * (2 * 2 * 4 + 16)  # layer a: 8 input channels, layer b: 16
     assert g.quant_param_bytes == params - 2 * 2 * 2 * 4 + group_tables
+
+    # one group is the layer-wise baseline, and costs what it does: no labels to store
+    single = lowbit.Recipe("g1", weight_bits=4, activation_bits=8, keep_io_layers=False, groups=1, select_dim=False)
+    assert cost(lowbit.quantize(model, single, calib, progress=False), *calib[0]).quant_param_bytes == params

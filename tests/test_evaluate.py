@@ -48,7 +48,7 @@ def test_streamed_calibration_replays_and_matches_the_recorded_list():
     model = load_reference_model()
     stream = ReferenceCalibration(model, prompts=4, steps=2, chunk=2, progress=False)
     first, again = list(stream), list(stream)
-    assert len(first) == 4 and all(kw["hidden_states"].shape[0] == 4 for _, kw in first)  # 2 chunks x 2 steps, CFG-doubled
+    assert len(first) == len(stream) == 4 and all(kw["hidden_states"].shape[0] == 4 for _, kw in first)  # 2 chunks x 2 steps, CFG-doubled
     assert all(torch.equal(a[1]["hidden_states"], b[1]["hidden_states"]) for a, b in zip(first, again))  # replayable
     streamed = quantize(model, "minmax-w8a8", stream, progress=False).params
     recorded = quantize(model, "minmax-w8a8", calibrate_reference(model, 4, 2, progress=False), progress=False).params

@@ -181,8 +181,9 @@ def quantize_probs(
     """Quantize attention probabilities; DGQ eq. 8-9 when ``start_token`` >= 0 and scheme is log2.
 
     The start-token column (index ``start_token`` along the key axis) stays in full precision;
-    the other columns are quantized with the static ``scale`` or, with ``dynamic_scale``, with
-    s = max(A[:, others]) computed here, one scalar per tensor as in the paper.
+    the other columns are quantized with the static ``scale`` or, with ``dynamic_scale``, from
+    s = max(A[:, others]) computed here, one scalar per tensor as in the paper: log2 codes count
+    halvings below s (eq. 8), a uniform grid spans [0, s] with zero at ``qmin``.
     """
     if scheme == "none":
         return probs
@@ -191,7 +192,11 @@ def quantize_probs(
         keep = probs[..., start_token : start_token + 1]
         probs = torch.cat([probs[..., :start_token], probs[..., start_token + 1 :]], dim=-1)
     if dynamic_scale:
-        scale = probs.amax().clamp_min(_TINY).reshape(())
+        peak = probs.amax().clamp_min(_TINY).reshape(())
+        if scheme == "log2":
+            scale = peak
+        else:
+            scale, zero_point = peak / (qmax - qmin), torch.full_like(peak, float(qmin))
     if scale is None:
         raise ValueError("static probability quantization needs a scale")
     if scheme == "log2":

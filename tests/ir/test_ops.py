@@ -26,6 +26,17 @@ def test_log2_quantizer_matches_eq2():
     assert out.tolist() == [1.0, 0.5, 0.25, 0.125, 2.0 ** -7]
 
 
+def test_dynamic_uniform_probabilities_span_zero_to_the_run_time_max():
+    from lowbit.ir.ops import quantize_probs
+
+    probs = torch.tensor([[0.5, 0.25, 0.125, 0.125]])
+    out = quantize_probs(probs, None, None, "uniform", 0, 3, -1, True)  # 2 bits on [0, 0.5]: step 1/6
+    # codes round(p / (1/6)) = [3, 1.5 -> 2, 0.75 -> 1, 1]
+    assert torch.allclose(out, torch.tensor([[0.5, 1 / 3, 1 / 6, 1 / 6]]))
+    signed = quantize_probs(probs, None, None, "uniform", -2, 1, -1, True)  # the same grid, zero at qmin
+    assert torch.allclose(signed, out)
+
+
 def test_select_timestep_picks_the_nearest_row():
     table = torch.tensor([[1.0], [2.0], [3.0]])
     steps = torch.tensor([999.0, 500.0, 1.0])

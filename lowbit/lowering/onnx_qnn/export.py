@@ -19,6 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 import onnx
 import torch
+from tqdm.auto import tqdm
 
 from lowbit.ir.capture import normalize_inputs
 from lowbit.lowering.onnx_qnn.calibrate import tensor_ranges
@@ -105,13 +106,14 @@ def export_onnx(qmodel, args: tuple = (), kwargs: dict[str, Any] | None = None, 
 
 
 def export_schedule(qmodel, args: tuple, kwargs: dict[str, Any], folder: str | Path, timesteps: Iterable[float], *,
-                    calibration: Iterable | None = None, fp_weight_bits: int = 16) -> list[ExportResult]:
+                    calibration: Iterable | None = None, fp_weight_bits: int = 16,
+                    progress: bool = True) -> list[ExportResult]:
     """One graph per timestep of a sampling schedule, and ``manifest.json`` mapping timesteps to files
     and to the integer grids of each graph's inputs and outputs (what a phone app quantizes with)."""
     folder = Path(folder)
     calibration = list(calibration or [])
     results = []
-    for t in timesteps:
+    for t in tqdm(list(timesteps), desc="exporting HTP graphs", unit="graph", disable=not progress, leave=False):
         kw = dict(kwargs)
         kw[qmodel.timestep_arg] = torch.full_like(torch.as_tensor(kwargs[qmodel.timestep_arg], dtype=torch.float32).reshape(-1), float(t))
         results.append(export_onnx(qmodel, args, kw, folder / graph_name(float(t)), calibration=calibration,

@@ -123,7 +123,7 @@ def log2_from_log_probs(em, log_probs: str, log_scale: str, levels: int, clip_ab
 
 
 def dynamic_uniform(em, x: str, scale: str, zero_point: float, qmin: int, qmax: int, label: str) -> str:
-    """Uniform quantization with a run-time scale: s * DQ(Q(x / s)) with unit scale."""
+    """Uniform quantization with a run-time step s: s * DQ(Q(x / s)) with unit scale."""
     y = em.graph.node("Div", [x, scale])
     return em.graph.node("Mul", [per_tensor(em, y, 1.0, zero_point, qmin, qmax, label), scale])
 
@@ -166,8 +166,9 @@ def attention_probs(em, scores: str, width: int, scale: torch.Tensor | None, zer
         return probs
     rest = _without_column(em, probs, start_token, width) if start_token >= 0 else probs
     zp = float(zero_point.reshape(-1)[0]) if zero_point is not None else 0.0
-    if dynamic:  # s = max of the tensor at run time (> 0: a softmax row sums to 1)
-        out = dynamic_uniform(em, rest, em.graph.node("ReduceMax", [rest], keepdims=0), zp, qmin, qmax, label)
+    if dynamic:  # the grid [0, s], s = max of the tensor at run time (> 0: a softmax row sums to 1)
+        step = em.graph.node("Div", [em.graph.node("ReduceMax", [rest], keepdims=0), em.tensor(float(qmax - qmin))])
+        out = dynamic_uniform(em, rest, step, float(qmin), qmin, qmax, label)
     else:
         out = per_tensor(em, rest, float(scale.reshape(-1)[0]), zp, qmin, qmax, label)
     if start_token < 0:

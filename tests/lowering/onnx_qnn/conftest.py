@@ -7,7 +7,7 @@ import torch
 import lowbit
 from lowbit.evaluate import calibrate_reference
 from lowbit.models.reference import load_reference_model
-from lowbit.recipes import dgq
+from lowbit.recipes import Recipe, dgq
 
 
 @pytest.fixture(scope="session")
@@ -22,9 +22,16 @@ def reference_calibration(reference):
     return calibrate_reference(reference, prompts=1, steps=1, progress=False)
 
 
+EXTRA_RECIPES = {
+    "dgq-w8a16": dgq(8, 16, name="dgq-w8a16"),
+    # uniform attention probabilities on a run-time grid [0, max], start-token column apart
+    "uniform-dynamic-w8a8": Recipe("uniform-dynamic-w8a8", 8, 8, start_token=True, dynamic_attention_scale=True),
+}
+
+
 def recipe(name: str):
-    """Built-in recipes, and DGQ at W8A16, which has no built-in name."""
-    return dgq(8, 16, name="dgq-w8a16") if name == "dgq-w8a16" else name
+    """Built-in recipes, and the few the tests need that have no built-in name."""
+    return EXTRA_RECIPES.get(name, name)
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,6 @@
 """``lowbit eval-qnn``: the reference sampler with the HTP graphs as its denoiser, scored beside
 lowbit's eager module with measured margins. CI runs 3 sampling steps on 4 images per prompt
-set; the 25-step run in the README is the same command with the defaults."""
+set; the 25-step run in the README is the same command with 50 images."""
 
 import pytest
 
@@ -12,24 +12,28 @@ def _row(name, fid, seen, heldout, conditioning=1.0):
     return QnnEvalRow(name, fid, 9.0, seen, heldout, None, conditioning, 0.0)
 
 
-def test_margins_are_the_seed_spread_for_fid_and_two_standard_errors_for_alignment():
-    rows = [_row("eager", 200.0, 0.95, 0.90), _row("htp", 204.0, 0.93, 0.70), _row("eager, seed 1", 195.0, 0.96, 0.91)]
-    (fid, *alignment) = margins(rows, samples=100)
-    assert fid == ("FID", 200.0, 204.0, 5.0, True)  # |200 - 195| allows the HTP's 4
+def test_margins_are_two_seed_deviations_for_fid_and_two_standard_errors_for_alignment():
+    eager = _row("eager", 200.0, 0.95, 0.90)
+    reseeded = [_row(f"eager, seed {s}", fid, 0.96, 0.91) for s, fid in ((1, 195.0), (2, 205.0), (3, 200.0))]
+    (fid, *alignment) = margins([eager, _row("htp", 204.0, 0.93, 0.70), *reseeded], samples=100)
+    margin = 2 * (50.0 / 3) ** 0.5  # sample SD of 200, 195, 205, 200 is sqrt(50 / 3)
+    assert fid[:3] == ("FID", 200.0, 204.0) and fid[3] == pytest.approx(margin) and fid[4]
     seen, heldout = alignment
     assert seen[3] == pytest.approx(2 * ((0.95 * 0.05 + 0.93 * 0.07) / 100) ** 0.5) and seen[4]
     assert not heldout[4]  # 0.20 apart is far beyond two standard errors (0.12)
-    assert not margins([rows[0], _row("htp", 210.0, 0.95, 0.90), rows[2]], samples=100)[0][4]
+    assert not margins([eager, _row("htp", 210.0, 0.95, 0.90), *reseeded], samples=100)[0][4]
 
 
 def test_eval_qnn_samples_through_the_htp_graphs(tmp_path, capsys):
     out = tmp_path / "eval-qnn"
-    code = main(["eval-qnn", "--samples", "4", "--steps", "3", "--calibration-prompts", "2", "--out", str(out)])
+    code = main(["eval-qnn", "--samples", "4", "--steps", "3", "--calibration-prompts", "2", "--batch", "4",
+                 "--reseeds", "2", "--out", str(out)])
     printed = capsys.readouterr().out
     assert code in (0, 1) and (code == 0) == ("| no |" not in printed)  # the exit code says whether every margin held
     assert (out / "samples.png").is_file() and len(list((out / "graphs").glob("*.onnx"))) == 3
     rows = [line.split("|") for line in printed.splitlines() if line.startswith("| minmax-w8a8")]
-    assert [r[1].strip() for r in rows] == ["minmax-w8a8 (eager)", "minmax-w8a8 (QNN HTP)", "minmax-w8a8 (eager, seed 1)"]
+    assert [r[1].strip() for r in rows] == ["minmax-w8a8 (eager)", "minmax-w8a8 (QNN HTP)", "minmax-w8a8 (eager, seed 1)",
+                                            "minmax-w8a8 (eager, seed 2)"]
     psnr_vs_eager, cfg_signal = float(rows[1][6]), float(rows[1][7])
     assert psnr_vs_eager > 15.0  # measured 24.6 dB: the HTP draws the eager model's images, not others
     ratio = cfg_signal / float(rows[0][7])

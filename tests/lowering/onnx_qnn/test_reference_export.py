@@ -13,7 +13,7 @@ from lowbit.lowering.onnx_qnn.quantizers import QUANTIZER_KEY
 
 from tests.lowering.onnx_qnn.conftest import fp_output
 
-RECIPES = ["minmax-w8a8", "minmax-w8a16", "minmax-w4a8", "dgq-w8a8", "dgq-w8a16", "dgq-w4a8"]
+RECIPES = ["minmax-w8a8", "minmax-w8a16", "minmax-w4a8", "dgq-w8a8", "dgq-w8a16", "dgq-w4a8", "uniform-dynamic-w8a8"]
 
 # Tolerance: ||HTP - eager|| <= 2 x ||eager - FP||. eager - FP is one round of lowbit's quantization;
 # the HTP requantizes every tensor in fixed point, one step off float rounding near rounding
