@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS
 from lowbit.staging import add_output_arguments, output_folder, staged_folder
 
 __all__ = ["add_commands"]
@@ -77,14 +78,14 @@ def _cmd_export(args: argparse.Namespace) -> int:
     with staged_folder(out, overwrite=args.overwrite) as tmp:
         results = export_schedule(qmodel, (), next(iter(examples.values())), tmp, list(examples), calibration=calibration)
         manifest = json.loads((tmp / "manifest.json").read_text())
-        (tmp / "manifest.json").write_text(json.dumps({**manifest, "model": args.model}, indent=1))
+        (tmp / "manifest.json").write_text(json.dumps({**manifest, "model": args.model, "soc": args.soc}, indent=1))
         (tmp / "inputs").mkdir()
         for r in results:
             flat = flat_inputs(qmodel.graph_module, normalize_inputs(model, (), examples[r.timestep], qmodel.timestep_arg))
             names = [i.name for i in onnx.load(str(r.path), load_external_data=False).graph.input]
             save_file({n: flat[n].float().contiguous() for n in names}, str(tmp / "inputs" / f"{r.path.stem}.safetensors"))
         save(qmodel, tmp / "quantized")
-        contexts = compile_context([r.path for r in results], tmp / "context")
+        contexts = compile_context([r.path for r in results], tmp / "context", soc=args.soc)
     size = sum(p.stat().st_size for p in (out / "context").glob("*.bin"))
     print(f"lowbit: {args.model} quantized with {recipe.name}: {len(results)} HTP graphs (batch {results[0].batch}, "
           f"timesteps {', '.join(f'{r.timestep:g}' for r in results)}) in {out}")
@@ -102,12 +103,12 @@ def _cmd_verify(args: argparse.Namespace) -> int:
         raise ValueError(f"{path} does not exist")
     folder = path.parent
     inputs = reference = None
-    manifest = folder / "manifest.json"
-    if manifest.is_file() and (folder / "inputs" / f"{path.stem}.safetensors").is_file():
-        name = json.loads(manifest.read_text())["model"]
+    manifest = json.loads((folder / "manifest.json").read_text()) if (folder / "manifest.json").is_file() else {}
+    if "model" in manifest and (folder / "inputs" / f"{path.stem}.safetensors").is_file():
         inputs = load_file(str(folder / "inputs" / f"{path.stem}.safetensors"))
-        reference = load(folder / "quantized", _fp_model(name))
-    report = verify_qnn(path, inputs, reference, context_dir=args.context_dir or folder / "verify")
+        reference = load(folder / "quantized", _fp_model(manifest["model"]))
+    soc = args.soc or manifest.get("soc", DEFAULT_SOC)  # the SoC it was exported for, unless told otherwise
+    report = verify_qnn(path, inputs, reference, context_dir=args.context_dir or folder / "verify", soc=soc)
     print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
@@ -120,7 +121,7 @@ def _cmd_eval_qnn(args: argparse.Namespace) -> int:
     with staged_folder(out, overwrite=args.overwrite) as tmp:
         rows, images = run_qnn_eval(args.recipe, args.samples, tmp / "graphs", steps=args.steps,
                                     calibration_prompts=args.calibration_prompts, reseeds=args.reseeds,
-                                    batch=args.batch, progress=True)
+                                    batch=args.batch, soc=args.soc, progress=True)
         table = markdown(rows, args.samples)
         (tmp / "eval_qnn.md").write_text(table + "\n")
         first = {name: images[name][:10] * 2 - 1 for name in list(images)[:2]}  # same prompts and seeds, one row each
@@ -139,16 +140,19 @@ def add_commands(sub) -> None:
     x.add_argument("--prompts", type=int, default=8, help="calibration prompts (reference) or samples per timestep")
     x.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
     x.add_argument("--batch", type=int, default=2, help="the graphs' static batch: 2 x prompts per call (CFG pairs)")
+    x.add_argument("--soc", default=DEFAULT_SOC, choices=list(SOCS), help="the phone's Snapdragon SoC (default: 8 Elite)")
     add_output_arguments(x, "out/qnn")
     x.set_defaults(func=_cmd_export)
-    v = sub.add_parser("verify-qnn", help="load an exported model on the QNN HTP (v79) with no CPU fallback, compare, write its EPContext")
+    v = sub.add_parser("verify-qnn", help="load an exported model on the QNN HTP with no CPU fallback, compare, write its EPContext")
     v.add_argument("model", help="an exported .onnx graph (lowbit export --target qnn-htp)")
+    v.add_argument("--soc", default=None, choices=list(SOCS), help="the phone's SoC (default: the one it was exported for, else sm8750)")
     v.add_argument("--context-dir", default=None, help="where to write the EPContext model (default: <folder>/verify)")
     v.set_defaults(func=_cmd_verify)
     e = sub.add_parser("eval-qnn", help="sample the reference model with its HTP graphs as the denoiser; score it beside eager")
     e.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name")
     e.add_argument("--samples", type=int, default=100, help="images per prompt set")
     e.add_argument("--batch", type=int, default=20, help="the graphs' static batch (CFG pairs); calls run in chunks of it")
+    e.add_argument("--soc", default=DEFAULT_SOC, choices=list(SOCS), help="the phone's Snapdragon SoC (default: 8 Elite)")
     e.add_argument("--reseeds", type=int, default=3, help="further noise seeds of the eager model: FID's margin is 2 SD over seeds")
     e.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
     e.add_argument("--calibration-prompts", type=int, default=16, help="calibration prompts")

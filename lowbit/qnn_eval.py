@@ -28,6 +28,7 @@ from lowbit.evaluate import calibrate_reference
 from lowbit.evaluation.harness import alignment_slack, evaluate
 from lowbit.evaluation.metrics import psnr
 from lowbit.lowering.onnx_qnn import HTPDenoiser, export_schedule
+from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC
 from lowbit.models.reference import load_reference_model, make_sampler
 from lowbit.quantize import quantize
 
@@ -79,7 +80,7 @@ def cfg_examples(calibration: list, batch: int) -> dict[float, dict]:
 
 
 def run_qnn_eval(recipe: str, samples: int, folder: str | Path, *, steps: int = 25, calibration_prompts: int = 16,
-                 seed: int = 0, reseeds: int = 3, batch: int = 20,
+                 seed: int = 0, reseeds: int = 3, batch: int = 20, soc: str = DEFAULT_SOC,
                  progress: bool = False) -> tuple[list[QnnEvalRow], dict[str, torch.Tensor]]:
     """Eager quantized model against its HTP export, ``samples`` images per prompt set, one row each,
     then the eager model with each of ``reseeds`` further seeds: the yardstick of ``margins``.
@@ -98,7 +99,7 @@ def run_qnn_eval(recipe: str, samples: int, folder: str | Path, *, steps: int = 
                     progress=progress)
     # the HTP samples one graph batch of prompts at a time, so its progress bar moves
     runs = {f"{recipe} (eager)": (ConditioningProbe(qmodel), seed, samples),
-            f"{recipe} (QNN HTP)": (ConditioningProbe(HTPDenoiser(folder)), seed, batch // 2)}
+            f"{recipe} (QNN HTP)": (ConditioningProbe(HTPDenoiser(folder, soc=soc)), seed, batch // 2)}
     runs.update({f"{recipe} (eager, seed {s})": (ConditioningProbe(qmodel), s, samples)
                  for s in range(seed + 1, seed + 1 + reseeds)})
     rows, images = [], {}

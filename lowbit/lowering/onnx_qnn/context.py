@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lowbit.lowering.onnx_qnn.htp import htp_session
+from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, htp_session
 
 __all__ = ["compile_context", "context_path"]
 
@@ -22,14 +22,15 @@ def context_path(model_path: str | Path, out_dir: str | Path) -> Path:
     return Path(out_dir) / f"{Path(model_path).stem}_ctx.onnx"
 
 
-def compile_context(model_paths: list[str | Path], out_dir: str | Path) -> list[Path]:
-    """EPContext models (``<stem>_ctx.onnx``) for ``model_paths``, all reading one context binary."""
+def compile_context(model_paths: list[str | Path], out_dir: str | Path, *, soc: str = DEFAULT_SOC) -> list[Path]:
+    """EPContext models (``<stem>_ctx.onnx``) for ``model_paths``, all reading one context binary
+    compiled for the HTP of ``soc``."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     outputs = []
     shared = len(model_paths) > 1
     for i, path in enumerate(model_paths):
         target = context_path(path, out_dir)
-        htp_session(path, context_path=target, share_context=shared, last_shared=i == len(model_paths) - 1)
+        htp_session(path, soc=soc, context_path=target, share_context=shared, last_shared=i == len(model_paths) - 1)
         outputs.append(target)
     return outputs

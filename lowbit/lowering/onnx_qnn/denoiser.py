@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from lowbit.lowering.onnx_qnn.export import MANIFEST
-from lowbit.lowering.onnx_qnn.htp import IOCodec, htp_session
+from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, IOCodec, htp_session
 
 __all__ = ["HTPDenoiser"]
 
 
 class HTPDenoiser(torch.nn.Module):
-    def __init__(self, folder: str | Path, timestep_arg: str = "timestep"):
+    def __init__(self, folder: str | Path, timestep_arg: str = "timestep", soc: str = DEFAULT_SOC):
         super().__init__()
         folder = Path(folder)
         manifest = json.loads((folder / MANIFEST).read_text())
@@ -32,7 +32,7 @@ class HTPDenoiser(torch.nn.Module):
         steps = sorted(manifest["graphs"], key=float)
         paths = [folder / manifest["graphs"][t] for t in steps]
         self.codecs = {float(t): IOCodec.of(p) for t, p in zip(steps, paths)}  # each graph has its own I/O grids
-        self.sessions = {float(t): htp_session(p) for t, p in zip(steps, paths)}
+        self.sessions = {float(t): htp_session(p, soc=soc) for t, p in zip(steps, paths)}
         self.inputs = [i.name for i in self.sessions[float(steps[0])].get_inputs()]
 
     def forward(self, *, return_dict: bool = False, **kwargs):

@@ -1,8 +1,8 @@
 """onnxruntime sessions on the QNN HTP backend, as measured on this machine (DESIGN.md).
 
 onnxruntime-qnn 2.x is a plugin execution provider: it is registered once per process, its
-device picked by ``ep_name``, and the HTP needs the target named (v79 / SoC 69, the Snapdragon
-8 Elite) or finalizing fails. ``session.disable_cpu_ep_fallback=1`` turns any node the HTP cannot
+device picked by ``ep_name``, and the HTP needs the target named (``SOCS``: by default v79 / SoC
+69, the Snapdragon 8 Elite) or finalizing fails. ``session.disable_cpu_ep_fallback=1`` turns any node the HTP cannot
 take into a session error — the test of "QNN-ready". ``ep.context_enable=1`` writes the EPContext
 model (an ONNX file with one EPContext node) and the context binary a phone loads.
 
@@ -22,13 +22,24 @@ import onnxruntime as ort
 
 from lowbit.lowering.onnx_qnn.legalize import IO_KEY
 
-__all__ = ["EP_NAME", "HTP_OPTIONS", "IOCodec", "htp_session", "register_qnn"]
+__all__ = ["DEFAULT_SOC", "EP_NAME", "HTP_OPTIONS", "IOCodec", "SOCS", "htp_options", "htp_session", "register_qnn"]
 
 EP_NAME = "QNNExecutionProvider"
 # Graph finalization mode 3 (the most optimized graph). Measured on the x86 HTP backend: the
 # default mode (2) crashes (segfault in run) on the SD-1.x UNet, and mode 1 computes Sana's second
 # batch element wrongly (a final Reshape-Transpose pair); mode 3 runs both right.
-HTP_OPTIONS = {"backend_type": "htp", "htp_arch": "79", "soc_model": "69", "htp_graph_finalization_optimization_mode": "3"}
+HTP_OPTIONS = {"backend_type": "htp", "htp_graph_finalization_optimization_mode": "3"}
+# Snapdragon SoCs as QNN names them: (HTP architecture, soc_model id of the QNN SDK's device table).
+# Measured on the x86 HTP backend with the reference model at W8A8: v73, v75, v79 and v81 take every
+# node; v69 leaves the Gemms of the layers kept at 16-bit weights (the first and last) to the CPU.
+SOCS = {
+    "sm8450": ("69", "36"),  # Snapdragon 8 Gen 1
+    "sm8550": ("73", "43"),  # Snapdragon 8 Gen 2
+    "sm8650": ("75", "57"),  # Snapdragon 8 Gen 3
+    "sm8750": ("79", "69"),  # Snapdragon 8 Elite
+    "sm8850": ("81", "87"),  # Snapdragon 8 Elite Gen 5
+}
+DEFAULT_SOC = "sm8750"
 _registered = False
 
 
@@ -44,10 +55,18 @@ def register_qnn() -> None:
     _registered = True
 
 
-def htp_session(model: str | Path | bytes, *, cpu_fallback: bool = False, context_path: str | Path | None = None,
-                share_context: bool = False, last_shared: bool = False, record_placement: bool = False,
-                extra_options: dict[str, str] | None = None) -> ort.InferenceSession:
-    """A session on the HTP (v79 / SoC 69).
+def htp_options(soc: str = DEFAULT_SOC) -> dict[str, str]:
+    """The QNN execution provider's options for the HTP of ``soc`` (a key of ``SOCS``)."""
+    if soc not in SOCS:
+        raise ValueError(f"unknown SoC {soc!r}; lowbit knows {', '.join(SOCS)} (QNN's names; {DEFAULT_SOC} is the Snapdragon 8 Elite)")
+    arch, soc_model = SOCS[soc]
+    return {**HTP_OPTIONS, "htp_arch": arch, "soc_model": soc_model}
+
+
+def htp_session(model: str | Path | bytes, *, soc: str = DEFAULT_SOC, cpu_fallback: bool = False,
+                context_path: str | Path | None = None, share_context: bool = False, last_shared: bool = False,
+                record_placement: bool = False, extra_options: dict[str, str] | None = None) -> ort.InferenceSession:
+    """A session on the HTP of ``soc`` (default: the Snapdragon 8 Elite, v79 / SoC 69).
 
     ``context_path`` writes the EPContext model there (and its .bin beside it); ``share_context``
     puts this session's graph in one QNN context with the other sharing sessions, whose weights QNN
@@ -69,7 +88,7 @@ def htp_session(model: str | Path | bytes, *, cpu_fallback: bool = False, contex
         if last_shared:
             options.add_session_config_entry("ep.stop_share_ep_contexts", "1")
     devices = [d for d in ort.get_ep_devices() if d.ep_name == EP_NAME]
-    options.add_provider_for_devices(devices, {**HTP_OPTIONS, **(extra_options or {})})
+    options.add_provider_for_devices(devices, {**htp_options(soc), **(extra_options or {})})
     source = model if isinstance(model, bytes) else str(model)
     return ort.InferenceSession(source, options)
 

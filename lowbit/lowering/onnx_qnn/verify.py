@@ -1,7 +1,7 @@
 """``lowbit.verify_qnn``: does an exported model run on the phone's HTP, and compute what lowbit computes?
 
-It loads the model on the QNN HTP backend for the Snapdragon 8 Elite (v79, SoC 69) with CPU
-fallback disabled; if that fails, it loads it again with fallback allowed to name every node
+It loads the model on the QNN HTP backend of a Snapdragon SoC (default the 8 Elite: v79, SoC 69)
+with CPU fallback disabled; if that fails, it loads it again with fallback allowed to name every node
 that would not map (its op, fx node and lowbit layer). A loaded model is checked for HTP float
 islands too. Given inputs and lowbit's eager quantized module, it runs both and reports the
 relative L2 error; it writes the EPContext model and binary a phone loads.
@@ -20,7 +20,7 @@ import torch
 
 from lowbit.lowering.onnx_qnn.context import context_path
 from lowbit.lowering.onnx_qnn.export import TIMESTEP_KEY
-from lowbit.lowering.onnx_qnn.htp import IOCodec, htp_session
+from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS, IOCodec, htp_options, htp_session
 from lowbit.lowering.onnx_qnn.placement import Misplaced, cpu_nodes, dump_options, float_islands
 
 __all__ = ["VerifyReport", "verify_qnn"]
@@ -30,6 +30,7 @@ __all__ = ["VerifyReport", "verify_qnn"]
 class VerifyReport:
     model: Path
     loaded: bool
+    soc: str = DEFAULT_SOC
     misplaced: list[Misplaced] = field(default_factory=list)
     load_error: str | None = None
     relative_error: float | None = None  # ||HTP - reference|| / ||reference||
@@ -41,7 +42,9 @@ class VerifyReport:
         return self.loaded and not self.misplaced
 
     def lines(self) -> list[str]:
-        state = "loads on the HTP (v79, SoC 69) with CPU fallback disabled" if self.loaded else "does NOT load on the HTP"
+        arch, soc_model = SOCS[self.soc]
+        htp = f"the HTP of {self.soc} (v{arch}, SoC {soc_model})"
+        state = f"loads on {htp} with CPU fallback disabled" if self.loaded else f"does NOT load on {htp}"
         out = [f"{self.model}: {state}"]
         if self.load_error and not self.loaded:
             out.append(f"  onnxruntime: {self.load_error.strip().splitlines()[0]}")
@@ -74,29 +77,32 @@ def _expected(reference: Any, model: onnx.ModelProto, feeds: dict[str, np.ndarra
 
 
 def verify_qnn(model_path: str | Path, inputs: dict[str, Any] | None = None, reference: Any = None, *,
-               context_dir: str | Path | None = None, check_float_islands: bool = True) -> VerifyReport:
+               context_dir: str | Path | None = None, check_float_islands: bool = True, soc: str = DEFAULT_SOC) -> VerifyReport:
     """Load, place, run and compare one exported graph; see the module docstring.
 
     ``inputs``: float inputs by the model's input names. ``reference``: the eager
     :class:`lowbit.QuantizedModel` (called with ``inputs`` at the graph's timestep) or the expected
     output array. ``context_dir``: where to write ``<model>_ctx.onnx`` and its context binary.
+    ``soc``: the phone's SoC (a key of ``SOCS``; default the Snapdragon 8 Elite).
     """
+    htp_options(soc)  # an unknown SoC is the caller's error, not the model's
     model_path = Path(model_path)
     model = onnx.load(str(model_path), load_external_data=False)
-    report = VerifyReport(model_path, loaded=False)
+    report = VerifyReport(model_path, loaded=False, soc=soc)
     target = context_path(model_path, context_dir) if context_dir is not None else None
     if target is not None:
         target.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory() as dump:
         try:
-            session = htp_session(model_path, context_path=target, extra_options=dump_options(dump) if check_float_islands else None)
+            session = htp_session(model_path, soc=soc, context_path=target,
+                                  extra_options=dump_options(dump) if check_float_islands else None)
         except Exception as err:  # onnxruntime raises its own Fail / EPFail types
             report.load_error = str(err)
-            report.misplaced = cpu_nodes(model_path)
+            report.misplaced = cpu_nodes(model_path, soc)
             return report
         report.loaded = True
         if check_float_islands:
-            report.misplaced = float_islands(model_path, dump)
+            report.misplaced = float_islands(model_path, dump, soc)
     if target is not None:
         report.context = target
         report.context_bytes = sum(p.stat().st_size for p in target.parent.glob(f"{target.stem}*.bin"))

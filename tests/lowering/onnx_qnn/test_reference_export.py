@@ -54,3 +54,20 @@ def test_reference_recipe_runs_on_the_htp_like_eager(tmp_path, name, quantized, 
     assert {zero_points[n.input[2]].data_type for n in lowbit_q} == {want}
     int4 = [i for i in model.graph.initializer if i.data_type == TensorProto.INT4]
     assert (len(int4) > 0) == (qmodel.recipe.weight_bits <= 4)
+
+
+def test_other_socs_are_targets_and_an_older_htp_names_what_it_cannot_take(tmp_path, quantized, reference_calibration):
+    qmodel = quantized("minmax-w8a8")
+    args, kwargs = reference_calibration[0]
+    path = lowbit.export_onnx(qmodel, args, kwargs, tmp_path / "model.onnx", calibration=reference_calibration).path
+    for soc, htp in (("sm8550", "v73, SoC 43"), ("sm8650", "v75, SoC 57"), ("sm8850", "v81, SoC 87")):  # 8 Gen 2, 8 Gen 3, 8 Elite Gen 5
+        report = lowbit.verify_qnn(path, soc=soc)
+        assert report.ok and f"{soc} ({htp})" in report.lines()[0], report.lines()
+    # Snapdragon 8 Gen 1, HTP v69 (measured): the first and last layers, which the recipe keeps at
+    # 16-bit weights, stay on the CPU; the report names each node with the lowbit layer it came from
+    gen1 = lowbit.verify_qnn(path, soc="sm8450")
+    assert not gen1.ok and "does NOT load on the HTP of sm8450 (v69, SoC 36)" in gen1.lines()[0]
+    assert {m.layer for m in gen1.misplaced} == {"pos_embed.proj", "proj_out"}
+    assert {m.op for m in gen1.misplaced} >= {"Gemm"} and {m.where for m in gen1.misplaced} == {"cpu"}
+    with pytest.raises(ValueError, match="unknown SoC 'sm8999'; lowbit knows sm8450"):
+        lowbit.verify_qnn(path, soc="sm8999")
