@@ -1,10 +1,11 @@
 """onnxruntime sessions on the QNN HTP backend, as measured on this machine (DESIGN.md).
 
 onnxruntime-qnn 2.x is a plugin execution provider: it is registered once per process, its
-device picked by ``ep_name``, and the HTP needs the target named (``SOCS``: by default v79 / SoC
-69, the Snapdragon 8 Elite) or finalizing fails. ``session.disable_cpu_ep_fallback=1`` turns any node the HTP cannot
-take into a session error — the test of "QNN-ready". ``ep.context_enable=1`` writes the EPContext
-model (an ONNX file with one EPContext node) and the context binary a phone loads.
+device picked by ``ep_name``, and the HTP needs the target named (``SOCS``: by default v79 /
+SoC 69, the Snapdragon 8 Elite) or finalizing fails. ``session.disable_cpu_ep_fallback=1`` turns
+any node the HTP cannot take into a session error — the test of "QNN-ready".
+``ep.context_enable=1`` writes the EPContext model (an ONNX file with one EPContext node) and the
+context binary a phone loads.
 
 The graph's inputs and outputs are integer tensors (legalize.py); ``IOCodec`` quantizes inputs and
 dequantizes outputs on the host, in float32, with the grids recorded in the model.
