@@ -1,8 +1,8 @@
 """``lowbit.verify_qnn``: does an exported model run on the phone's HTP, and compute what lowbit computes?
 
 It loads the model on the QNN HTP backend of a Snapdragon SoC (default the 8 Elite: v79, SoC 69)
-with CPU fallback disabled; if that fails, it loads it again with fallback allowed to name every node
-that would not map (its op, fx node and lowbit layer). A loaded model is checked for HTP float
+with CPU fallback disabled; if that fails, it loads it again with fallback allowed to name every
+node that would not map (its op, fx node and lowbit layer). A loaded model is checked for HTP float
 islands too. Given inputs and lowbit's eager quantized module, it runs both and reports the
 relative L2 error; it writes the EPContext model and binary a phone loads.
 """
