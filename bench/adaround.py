@@ -18,10 +18,10 @@ from pathlib import Path
 
 import torch
 
-from lowbit.evaluate import calibrate_reference, run_eval
+from lowbit.evaluation.run import calibrate_reference, run_eval
 from lowbit.models.reference import load_reference_model, make_sampler
-from lowbit.quantize import quantize
-from lowbit.recipes import Recipe
+from lowbit.core.quantize import quantize
+from lowbit.recipes import get_recipe
 
 RESULTS = Path(__file__).parent / "results" / "adaround.md"
 
@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     w, a = (int(b) for b in args.bits.split(","))
     model = load_reference_model()
     calibration = calibrate_reference(model, args.calibration_prompts, progress=False)
-    recipes = [Recipe(f"mse-w{w}a{a}", w, a, weight_range="mse"),
-               Recipe(f"adaround-w{w}a{a}", w, a, weight_range="adaround", reconstruction_iterations=args.iterations)]
+    mse = get_recipe(f"mse-w{w}a{a}")
+    adaround = get_recipe(f"adaround-w{w}a{a}").with_pass("reconstruct_weights", iterations=args.iterations, samples=8)
+    recipes = [mse, adaround]
     samplers, seconds = {}, {}
     for recipe in recipes:
         start = time.perf_counter()

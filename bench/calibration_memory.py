@@ -41,10 +41,10 @@ def child(mode: str, prompts: int, steps: int) -> dict:
     """One calibration in this process; peak memory above the starting point, in MB."""
     import torch
 
-    from lowbit.evaluate import ReferenceCalibration, calibrate_reference
+    from lowbit.evaluation.run import ReferenceCalibration, calibrate_reference
     from lowbit.models import text_encoder
     from lowbit.models.reference import load_reference_model
-    from lowbit.quantize import quantize
+    from lowbit.core.quantize import quantize
 
     torch.set_num_threads(2)
     model = load_reference_model()

@@ -35,7 +35,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
 
 import lowbit
-from lowbit.evaluate import calibrate_reference
+from lowbit.evaluation.run import calibrate_reference
 from lowbit.models.reference import load_reference_model
 
 RESULTS = Path(__file__).parent / "results" / "compile_cpu.md"

@@ -19,25 +19,31 @@ from pathlib import Path
 
 import torch
 
-from lowbit.evaluate import EVAL_MODELS, markdown, run_eval
+from lowbit.evaluation.run import EVAL_MODELS, markdown, run_eval
 from lowbit.recipes import Recipe
 
 RESULTS = Path(__file__).parent / "results"
 GROUPS = (1, 2, 4, 8, 16)
 
 
+def _groups(recipe: Recipe, k: int, select_dim: bool = True) -> Recipe:
+    """DGQ's group quantization (eq. 6-7), along the outlier dimension of eq. 4-5 if ``select_dim``."""
+    recipe = recipe.with_pass("detect_outlier_dim") if select_dim else recipe
+    return recipe.with_pass("group_activations", groups=k, select_dim=select_dim)
+
+
 def ablation(w: int, a: int) -> list[Recipe]:
-    attention = dict(attention_scheme="log2", start_token=True, dynamic_attention_scale=True)
-    out = [Recipe("(a) groups alone, K=8", w, a, groups=8),
-           Recipe("(a) attention alone", w, a, **attention),
-           Recipe("(a) both (dgq)", w, a, groups=8, **attention)]
+    base = lambda name, **precision: Recipe.build(name, w, a, **precision)  # noqa: E731
+    log2 = dict(attention_scheme="log2", dynamic_attention_scale=True)
+    out = [_groups(base("(a) groups alone, K=8"), 8),
+           base("(a) attention alone", **log2).with_pass("split_start_token"),
+           _groups(base("(a) both (dgq)", **log2).with_pass("split_start_token"), 8)]
     for select in (True, False):
-        out += [Recipe(f"(b) K={k}, {'with' if select else 'without'} dim selection", w, a, groups=k, select_dim=select)
-                for k in GROUPS]
-    out += [Recipe("(c) log2 alone", w, a, attention_scheme="log2"),
-            Recipe("(c) start-token split alone", w, a, start_token=True),
-            Recipe("(c) dynamic scale alone", w, a, dynamic_attention_scale=True)]
-    return [Recipe(f"minmax-w{w}a{a}", w, a)] + out
+        out += [_groups(base(f"(b) K={k}, {'with' if select else 'without'} dim selection"), k, select) for k in GROUPS]
+    out += [base("(c) log2 alone", attention_scheme="log2"),
+            base("(c) start-token split alone").with_pass("split_start_token"),
+            base("(c) dynamic scale alone", dynamic_attention_scale=True)]
+    return [base(f"minmax-w{w}a{a}")] + out
 
 
 def main(argv: list[str] | None = None) -> None:

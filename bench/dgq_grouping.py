@@ -26,20 +26,19 @@ from pathlib import Path
 
 import torch
 
-from lowbit.calibration import record_inputs
-from lowbit.evaluate import calibrate_reference
+from lowbit.core.calibration import record_inputs
+from lowbit.evaluation.run import calibrate_reference
 from lowbit.evaluation.harness import prompt_set
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, QuantSpec
 from lowbit.ir.capture import normalize_inputs
+from lowbit.ir.schema import FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, schema_class
 from lowbit.models import text_encoder
 from lowbit.models.reference import load_reference_model, sample
-from lowbit.quantize import quantize
-from lowbit.quantized_model import QuantizedModel
+from lowbit.core.quantize import quantize
+from lowbit.core.quantized_model import QuantizedModel
 from lowbit.recipes import Recipe
 
-lowbit = torch.ops.lowbit
 RESULTS = Path(__file__).parent / "results" / "dgq_grouping.md"
-_OPERAND_NAMES = ("query", "key", "value")
 
 
 class _ClipProbe(torch.fx.Interpreter):
@@ -52,17 +51,20 @@ class _ClipProbe(torch.fx.Interpreter):
         self.axis: dict[str, str] = {}
 
     def _operand(self, n: torch.fx.Node) -> tuple[str, QuantSpec, tuple] | None:
-        if n.target not in (lowbit.fake_quant.default, lowbit.quantized_linear.default, lowbit.quantized_conv2d.default):
+        schema = schema_class(n)
+        if schema not in (FakeQuant, QuantizedLinear, QuantizedConv2d):
             return None
-        args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args]
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        op = schema.from_call(*args, **kwargs)
         path = n.meta[LAYER_KEY].path
-        if n.target == lowbit.fake_quant.default:  # attention q / k / v, in the order the op takes them
-            user = next(iter(n.users))
-            operand = _OPERAND_NAMES[user.args.index(n)]
-            return f"{path}:{operand}", getattr(user.meta[QUANT_KEY], operand), tuple(args[:5])
-        if args[4] is None:  # a layer whose input stays in full precision
+        if isinstance(op, FakeQuant):  # attention q / k / v
+            user = QuantizedAttention.of(next(iter(n.users)))
+            operand = {user.q: "query", user.k: "key", user.v: "value"}[n]
+            spec = getattr(next(iter(n.users)).meta[QUANT_KEY], operand)
+            return f"{path}:{operand}", spec, (op.x, op.scale, op.zero_point, op.qmin, op.qmax)
+        if op.input_scale is None:  # a layer whose input stays in full precision
             return None
-        return path, n.meta[QUANT_KEY].input, (args[0], *args[4:8])
+        return path, n.meta[QUANT_KEY].input, (op.x, op.input_scale, op.input_zero_point, op.input_qmin, op.input_qmax)
 
     def run_node(self, n: torch.fx.Node):
         out = super().run_node(n)
@@ -99,9 +101,10 @@ def record(model: torch.nn.Module, prompts: int, which: str, seed: int, steps: i
 
 def recipes() -> list[Recipe]:
     return [
-        Recipe("minmax-w8a8", 8, 8),
-        Recipe("groups-k8, text tokens grouped", 8, 8, groups=8, group_text_tokens=True),
-        Recipe("groups-k8", 8, 8, groups=8),
+        Recipe.build("minmax-w8a8", 8, 8),
+        Recipe.build("groups-k8, text tokens grouped", 8, 8).with_pass("detect_outlier_dim")
+        .with_pass("group_activations", groups=8, group_text_tokens=True),
+        Recipe.build("groups-k8", 8, 8).with_pass("detect_outlier_dim").with_pass("group_activations", groups=8),
     ]
 
 

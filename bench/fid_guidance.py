@@ -25,13 +25,13 @@ from pathlib import Path
 
 import torch
 
-from lowbit.evaluate import calibrate_reference
+from lowbit.evaluation.run import calibrate_reference
 from lowbit.evaluation.harness import _generate, prompt_set, real_vs_real_fid
 from lowbit.evaluation.metrics import alignment, class_spread, frechet_distance, inception_score, psnr
 from lowbit.models import digits
 from lowbit.models.classifier import load_classifier
 from lowbit.models.reference import DEFAULT_GUIDANCE, load_reference_model, make_sampler
-from lowbit.quantize import quantize
+from lowbit.core.quantize import quantize
 from lowbit.recipes import get_recipe
 
 FP_GUIDANCE = (1.0, 1.5, 2.0, DEFAULT_GUIDANCE)

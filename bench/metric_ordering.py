@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from lowbit.evaluate import markdown, run_eval
+from lowbit.evaluation.run import markdown, run_eval
 from lowbit.evaluation.harness import KEPT_METRICS, alignment_slack, in_order
 from lowbit.models.reference import build_reference_model, make_sampler
 

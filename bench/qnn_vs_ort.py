@@ -31,7 +31,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
 from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
 
 import lowbit
-from lowbit.evaluate import calibrate_reference
+from lowbit.evaluation.run import calibrate_reference
 from lowbit.ir.capture import capture, normalize_inputs
 from lowbit.lowering.onnx_qnn import compile_context, htp_session
 from lowbit.lowering.onnx_qnn.emit import emit
@@ -41,7 +41,7 @@ from lowbit.lowering.onnx_qnn.specialize import specialize
 from lowbit.models.reference import load_reference_model
 from lowbit.passes.base import PassContext
 from lowbit.passes.canonicalize_attention import CanonicalizeAttention
-from lowbit.qnn_eval import cfg_examples
+from lowbit.evaluation.qnn import cfg_examples
 
 INPUTS = ("hidden_states", "encoder_hidden_states", "encoder_attention_mask")
 

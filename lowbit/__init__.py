@@ -1,12 +1,25 @@
-"""lowbit: compiler passes that bring text-to-image diffusion and VAR models to 4-8 bits."""
+"""lowbit: compiler passes that bring text-to-image diffusion and VAR models to 4-8 bits.
 
-from lowbit.calibration import DenoiserInputStream, record_denoiser_inputs
-from lowbit.lowering.onnx_qnn import export_onnx, verify_qnn
-from lowbit.quantize import quantize
-from lowbit.quantized_model import QuantizedModel
+The public API. The ONNX / QNN functions load onnx and onnxruntime when first used, so that
+``import lowbit`` stays light.
+"""
+
+from lowbit.core.calibration import DenoiserInputStream, record_denoiser_inputs
+from lowbit.core.quantize import quantize
+from lowbit.core.quantized_model import QuantizedModel
+from lowbit.core.serialization import load, save
 from lowbit.recipes import Recipe, RecipeError, recipes
-from lowbit.report import layer_report
-from lowbit.serialization import load, save
+from lowbit.reports.layer_report import layer_report
 
-__all__ = ["DenoiserInputStream", "QuantizedModel", "Recipe", "RecipeError", "layer_report", "load", "quantize", "recipes", "record_denoiser_inputs", "save",
-           "export_onnx", "verify_qnn"]
+__all__ = ["DenoiserInputStream", "QuantizedModel", "Recipe", "RecipeError", "export_onnx", "layer_report", "load",
+           "quantize", "recipes", "record_denoiser_inputs", "save", "verify_qnn"]
+
+_LAZY = {"export_onnx", "verify_qnn"}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        from lowbit.lowering import onnx_qnn
+
+        return getattr(onnx_qnn, name)
+    raise AttributeError(f"module 'lowbit' has no attribute {name!r}")

@@ -32,3 +32,38 @@ def calibration_set(name: str, batch: int = 2, seed: int = 0) -> list:
 @pytest.fixture
 def calib():
     return calibration_set
+
+
+MIXED_RECIPE = """
+name = "w4a8-mixed"
+weight_bits = 4
+activation_bits = 8
+keep_io_layers = false
+
+[layers."transformer_blocks.0.ff.*"]
+weight_bits = 8
+[layers."proj_out"]
+float = true
+
+[[passes]]
+name = "canonicalize_attention"
+[[passes]]
+name = "annotate_quantization"
+[[passes]]
+name = "split_start_token"
+[[passes]]
+name = "insert_observers"
+[[passes]]
+name = "choose_quant_params"
+weight_range = "mse"
+[[passes]]
+name = "convert_to_quantized_ops"
+"""
+
+
+@pytest.fixture
+def mixed_recipe(tmp_path):
+    """A recipe written only in TOML: a pass list with settings and per-layer tables (PixArt layer names)."""
+    path = tmp_path / "w4a8-mixed.toml"
+    path.write_text(MIXED_RECIPE)
+    return path

@@ -2,7 +2,7 @@ import torch
 from torch import nn
 
 import lowbit
-from lowbit.accounting import FP_BITS, cost
+from lowbit.reports.accounting import FP_BITS, cost
 
 
 class _TwoLinears(nn.Module):
@@ -23,7 +23,7 @@ def test_bops_are_flops_times_bits_and_size_counts_bits():
     assert fp.flops == flops and fp.bops == flops * FP_BITS**2
     assert fp.size_bytes == 4 * (8 * 16 + 16 + 16 * 4 + 4) and fp.quant_param_bytes == 0
 
-    recipe = lowbit.Recipe("all", weight_bits=4, activation_bits=8, keep_io_layers=False)
+    recipe = lowbit.Recipe.build("all", 4, 8, keep_io_layers=False)
     q = cost(lowbit.quantize(model, recipe, calib, progress=False), *calib[0])
     assert q.flops == flops and q.bops == flops * 4 * 8
     # int4 weights at half a byte; biases, weight scales (4 B per output channel) and the per-timestep
@@ -33,11 +33,11 @@ def test_bops_are_flops_times_bits_and_size_counts_bits():
     assert q.quant_param_bytes == params
 
     # groups count as K floats (scale, zero point) per timestep plus a one-byte label per channel
-    grouped = lowbit.Recipe("g", weight_bits=4, activation_bits=8, keep_io_layers=False, groups=2, select_dim=False)
+    grouped = lowbit.Recipe.build("g", 4, 8, keep_io_layers=False).with_pass("group_activations", groups=2, select_dim=False)
     g = cost(lowbit.quantize(model, grouped, calib, progress=False), *calib[0])
     group_tables = 2 * (2 * 2 * 4 + 8) + 2 * (2 * 2 * 4 + 16)  # layer a: 8 input channels, layer b: 16
     assert g.quant_param_bytes == params - 2 * 2 * 2 * 4 + group_tables
 
     # one group is the layer-wise baseline, and costs what it does: no labels to store
-    single = lowbit.Recipe("g1", weight_bits=4, activation_bits=8, keep_io_layers=False, groups=1, select_dim=False)
+    single = lowbit.Recipe.build("g1", 4, 8, keep_io_layers=False).with_pass("group_activations", groups=1, select_dim=False)
     assert cost(lowbit.quantize(model, single, calib, progress=False), *calib[0]).quant_param_bytes == params

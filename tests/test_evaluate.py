@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from lowbit.cli import main
-from lowbit.evaluate import ReferenceCalibration, calibrate_reference, run_eval
+from lowbit.evaluation.run import ReferenceCalibration, calibrate_reference, run_eval
 from lowbit.models.reference import load_reference_model
-from lowbit.quantize import quantize
+from lowbit.core.quantize import quantize
 
 
 def test_eval_rows_are_deterministic_and_complete():
@@ -25,16 +25,16 @@ def test_eval_rows_are_deterministic_and_complete():
     assert list(grid) == ["full precision", "minmax-w8a8"] and grid["minmax-w8a8"].shape[0] == 10
 
 
-def test_eval_command_writes_table_and_grid(tmp_path, capsys):
+def test_eval_command_writes_table_and_grid(tmp_path, capsys, mixed_recipe):
     out = tmp_path / "ev"
-    assert main(["eval", "--recipe", "minmax-w4a6", "--samples", "10", "--steps", "3",
+    assert main(["eval", "--recipe", str(mixed_recipe), "--samples", "10", "--steps", "3",
                  "--calibration-prompts", "2", "--out", str(out)]) == 0
-    assert sorted(p.name for p in out.iterdir()) == ["eval.csv", "eval.md", "samples.png"]
-    assert "| minmax-w4a6 | 4/6 |" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == [".lowbit-output", "eval.csv", "eval.md", "samples.png"]
+    assert "| w4a8-mixed | 4/8 |" in capsys.readouterr().out
 
 
 def test_extra_samplers_get_rows_without_costs():
-    from lowbit.evaluate import markdown
+    from lowbit.evaluation.run import markdown
     from lowbit.evaluation.harness import blob_sampler
 
     rows, grid = run_eval([], samples=10, steps=2, extra_samplers={"blobs": blob_sampler}, progress=False)

@@ -5,9 +5,13 @@ import torch
 from torch.utils._pytree import tree_map
 
 import lowbit
+from lowbit.ir.schema import QuantizedAttention, QuantizedLinear, schema_class
 from lowbit.models.tiny import TINY_MODELS, build
 
-lowbit_ops = torch.ops.lowbit
+
+
+def _attention_ops(qmodel) -> list[tuple[torch.fx.Node, QuantizedAttention]]:
+    return [(n, QuantizedAttention.of(n)) for n in qmodel.graph_module.graph.nodes if schema_class(n) is QuantizedAttention]
 
 
 def _rel_error(qmodel, model, inputs):
@@ -31,7 +35,7 @@ def test_w8a8_close_and_w4a6_worse(name, calib):
         qmodel = lowbit.quantize(model, recipe, samples, progress=False)
         errors[recipe] = _rel_error(qmodel, model, test)
         ops = {n.target for n in qmodel.graph_module.graph.nodes if n.op == "call_function"}
-        assert lowbit_ops.quantized_linear.default in ops
+        assert QuantizedLinear.overload() in ops
     # Metric: relative L2 error of the denoiser output. 8-bit grids give 0.1-0.4% on the transformers;
     # the UNets' conv stacks accumulate more (2.7% measured): 0.05 bounds all six with margin.
     assert errors["minmax-w8a8"] < 0.05, errors
@@ -43,9 +47,9 @@ def test_w8a8_close_and_w4a6_worse(name, calib):
 
 def test_attention_quantizers_are_in_place(calib):
     qmodel = lowbit.quantize(build("pixart"), "minmax-w8a8", calib("pixart"), progress=False)
-    nodes = [n for n in qmodel.graph_module.graph.nodes if n.target == lowbit_ops.quantized_attention.default]
-    assert len(nodes) == 4
-    assert all(n.args[7] == "uniform" and n.args[9] == 255 for n in nodes)  # probabilities at 8 bits
+    ops = [op for _, op in _attention_ops(qmodel)]
+    assert len(ops) == 4
+    assert all(op.probs_scheme == "uniform" and op.probs_qmax == 255 for op in ops)  # probabilities at 8 bits
 
 
 def test_calibration_errors_are_clear(calib):
@@ -80,8 +84,8 @@ def test_dgq_recipe_on_every_family(name, calib):
     assert rel < 0.05  # measured 0.1-3% across the families at W8A8
     groups = [p.spec for p in qmodel.params.values() if p.spec.granularity == "group"]
     assert groups and all(1 <= s.num_groups <= 8 for s in groups)
-    attention = [n for n in qmodel.graph_module.graph.nodes if n.target == lowbit_ops.quantized_attention.default]
-    assert attention and all(n.args[7] == "log2" for n in attention)
-    kinds = {n.meta["lowbit.attention"].kind: n.args[10] for n in attention}
+    attention = _attention_ops(qmodel)
+    assert attention and all(op.probs_scheme == "log2" for _, op in attention)
+    kinds = {n.meta["lowbit.attention"].kind: op.start_token for n, op in attention}
     if "cross" in kinds:  # UNets, PixArt, Sana: the start token of the text is split out
         assert kinds["cross"] == 0

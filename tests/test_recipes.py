@@ -1,47 +1,78 @@
+"""Recipes as data: the built-in TOML files, per-layer tables, pass lists, strict checking."""
+
 import pytest
 
 import lowbit
 from lowbit.models.tiny import build
+from lowbit.passes import PassError
 from lowbit.recipes import Recipe, RecipeError, get_recipe
+from lowbit.recipes.builtin import BUILTIN
 
 
-def test_builtin_names():
+def test_builtin_names_resolve_to_their_files():
     names = lowbit.recipes()
     for w in (4, 6, 8, 16):
         for a in (4, 6, 8, 16):
             assert f"minmax-w{w}a{a}" in names
     r = get_recipe("minmax-w4a6")
-    assert (r.weight_bits, r.activation_bits, r.weight_range) == (4, 6, "minmax")
+    assert (r.precision.weight_bits, r.precision.activation_bits) == (4, 6)
+    assert r.passes == Recipe.from_file(BUILTIN / "minmax.toml").passes
+    dgq = get_recipe("dgq-w4a6-g16")
+    assert dict(next(s for s in dgq.passes if s.name == "group_activations").settings) == {"groups": 16}
+    assert [s.name for s in get_recipe("adaround-w4a8").passes][3:5] == ["choose_quant_params", "reconstruct_weights"]
 
 
-def test_toml_round_trip():
-    r = Recipe("mine", 5.5, 8, weight_range="mse", keep_fp=("proj_out", "*.attn2.*"), attention_bits=16)
-    assert Recipe.from_toml(r.to_toml()) == r
+def test_toml_round_trip_with_layers_and_passes():
+    r = Recipe.build("mine", 5.5, 8, attention_bits=16, layers={"proj_out": {"float": True}, "*.ff.*": {"weight_bits": 8}})
+    r = r.with_pass("choose_quant_params", weight_range="mse").with_pass("split_start_token")
+    again = Recipe.from_toml(r.to_toml())
+    assert again == r
+    assert [o.pattern for o in again.precision.layers] == ["proj_out", "*.ff.*"]
+
+
+BASE = 'name = "x"\nweight_bits = 8\nactivation_bits = 8\n'
 
 
 @pytest.mark.parametrize("text, message", [
-    ('name = "x"\nweight_bits = 1\nactivation_bits = 8', r"weight_bits = 1 is outside \[2, 16\]"),
-    ('name = "x"\nweight_bits = 8\nactivation_bits = 8\nweight_range = "p99"', "weight_range must be"),
-    ('name = "x"\nweight_bits = 8\nactivation_bits = 8\ngranularity = "pixel"', r"unknown recipe field\(s\) \['granularity'\]"),
-    ('name = "x"\nweight_bits = 8\nactivation_bits = 8\nversion = 7', "has version 7"),
+    ('name = "x"\nweight_bits = 1\nactivation_bits = 8', r"weight_bits = 1.0 is outside \[2, 16\]"),
+    (BASE + 'granularity = "pixel"', r"unknown recipe field\(s\) \['granularity'\]"),
+    (BASE + "version = 7", "has version 7"),
     ('name = "x"\nweight_bits = 8', "needs at least"),
     ('name = "x" weight_bits', "not valid TOML"),
+    (BASE + 'quantize_attention = "false"', r"quantize_attention = 'false' must be true or false"),
+    (BASE.replace("= 8\nact", '= "8"\nact'), r"weight_bits = '8' must be a number"),
+    (BASE + '[layers."a"]\nbits = 4', r'layers."a" has unknown field\(s\) \[\'bits\'\]'),
+    (BASE + '[layers."a"]\nfloat = "yes"', r'layers."a".float = \'yes\' must be true or false'),
+    (BASE + '[[passes]]\nname = "canonicalize_attention"\n[[passes]]\nname = "anotate_quantization"',
+     "unknown pass 'anotate_quantization'; did you mean annotate_quantization"),
+    (BASE + '[[passes]]\nname = "canonicalize_attention"\n[[passes]]\nname = "annotate_quantization"\n'
+     '[[passes]]\nname = "insert_observers"\n[[passes]]\nname = "choose_quant_params"\nweight_range = "p99"',
+     r"choose_quant_params.weight_range = 'p99' must be 'minmax' or 'mse'"),
+    (BASE + '[[passes]]\nname = "canonicalize_attention"\n[[passes]]\nname = "annotate_quantization"\n'
+     '[[passes]]\nname = "insert_observers"\n[[passes]]\nname = "choose_quant_params"\n[[passes]]\nname = "split_start_token"',
+     r"pass 'split_start_token' must run before \['choose_quant_params'\]"),
+    (BASE + '[[passes]]\nname = "canonicalize_attention"\n[[passes]]\nname = "insert_observers"',
+     r"pass 'insert_observers' requires \['annotate_quantization'\]"),
 ])
-def test_invalid_recipes(text, message):
+def test_invalid_recipes_are_refused_by_name(text, message):
     with pytest.raises(RecipeError, match=message):
-        Recipe.from_toml(text)
+        Recipe.from_toml(text, "my.toml")
 
 
 def test_unknown_name_and_unmatched_pattern(calib):
-    with pytest.raises(RecipeError, match="unknown recipe 'minmax-w3a3'; built-in recipes include minmax-"):
-        get_recipe("minmax-w3a3")
-    recipe = Recipe("x", 8, 8, keep_fp=("transformer_blocks.9.*",))
-    with pytest.raises(lowbit.passes.base.PassError, match=r"'transformer_blocks.9.\*' matches no layer"):
+    with pytest.raises(RecipeError, match="unknown recipe 'minimax-w8a8'; built-in recipes are <method>-w<W>a<A>"):
+        get_recipe("minimax-w8a8")
+    with pytest.raises(RecipeError, match="-g<K> sets the groups of group_activations, which minmax does not run"):
+        get_recipe("minmax-w8a8-g4")
+    recipe = Recipe.build("x", 8, 8, layers={"transformer_blocks.9.*": {"float": True}})
+    with pytest.raises(PassError, match=r'layers."transformer_blocks.9.\*" matches no layer.*close layer names: transformer_blocks'):
         lowbit.quantize(build("pixart"), recipe, calib("pixart"), progress=False)
 
 
-def test_keep_fp_keeps_layers_in_full_precision(calib):
-    recipe = Recipe("x", 8, 8, keep_fp=("*.attn2.*",))
-    qmodel = lowbit.quantize(build("pixart"), recipe, calib("pixart"), progress=False)
+def test_a_toml_file_runs_through_quantize(calib, tmp_path):
+    path = tmp_path / "mixed.toml"
+    path.write_text(BASE + '[layers."*.attn2.*"]\nfloat = true\n[layers."*.ff.*"]\nweight_bits = 4\n')
+    qmodel = lowbit.quantize(build("pixart"), path, calib("pixart"), progress=False)
     assert not any(".attn2." in t for t in qmodel.params)
-    assert any(".attn1." in t for t in qmodel.params)
+    assert qmodel.params["transformer_blocks.0.ff.net.2:weight"].spec.bits == 4
+    assert qmodel.params["transformer_blocks.0.attn1.to_q:weight"].spec.bits == 8

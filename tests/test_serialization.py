@@ -5,8 +5,8 @@ import torch
 
 import lowbit
 from lowbit.models.tiny import build
-from lowbit.serialization import SerializationError
-from lowbit.staging import OutputExistsError
+from lowbit.core.serialization import SerializationError
+from lowbit.core.staging import OutputExistsError
 
 
 @pytest.fixture
@@ -19,7 +19,7 @@ def quantized(calib):
 def test_round_trip_is_exact(quantized, tmp_path):
     model, qmodel, samples = quantized
     lowbit.save(qmodel, tmp_path / "q")
-    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == ["lowbit.json", "params.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "q").iterdir()) == [".lowbit-output", "lowbit.json", "params.safetensors"]
     loaded = lowbit.load(tmp_path / "q", model)
     for args, kwargs in samples:
         assert torch.equal(loaded(*args, **kwargs)[0], qmodel(*args, **kwargs)[0])
@@ -34,7 +34,7 @@ def test_other_version_is_refused(quantized, tmp_path):
     meta = json.loads((tmp_path / "q" / "lowbit.json").read_text())
     meta["version"] = 99
     (tmp_path / "q" / "lowbit.json").write_text(json.dumps(meta))
-    with pytest.raises(SerializationError, match="saved in lowbit format version 99, but this lowbit reads version 1"):
+    with pytest.raises(SerializationError, match="saved in lowbit format version 99, but this lowbit reads version 2"):
         lowbit.load(tmp_path / "q", model)
 
 
@@ -53,7 +53,7 @@ def test_failed_save_leaves_nothing_behind(quantized, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("lowbit.serialization.save_file", broken)
+    monkeypatch.setattr("lowbit.core.serialization.save_file", broken)
     with pytest.raises(OSError, match="disk full"):
         lowbit.save(qmodel, tmp_path / "q")
     assert list(tmp_path.iterdir()) == []

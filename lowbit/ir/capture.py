@@ -2,8 +2,8 @@
 
 ``torch.fx.symbolic_trace`` fails on every diffusers family (data-dependent control flow);
 ``torch.export.export(strict=False)`` captures all of them (DESIGN.md). The batch dimension is
-exported as dynamic, so a module calibrated at one batch size also runs classifier-free
-guidance's doubled batch. Parameters keep their module paths (``transformer_blocks.3.attn2.to_q``)
+exported as dynamic (at a batch of at least 2, since export specialises a size of 1), so a module
+calibrated at any batch size also runs any other, classifier-free guidance's doubled batch included. Parameters keep their module paths (``transformer_blocks.3.attn2.to_q``)
 and each weighted node gets a :class:`LayerInfo`, so reports and recipes name layers as users do.
 """
 
@@ -179,12 +179,16 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         raise CaptureError(f"{type(model).__name__}: no tensor input with a batch dimension among {sorted(kw)}")
     batch = first.shape[0]
     dynamic = pytree.tree_map(lambda v: {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None, kw)
+    example = kw
+    if batch == 1:  # torch.export specialises sizes 0 and 1: capture at batch 2 so that the batch stays dynamic
+        example = pytree.tree_map(lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1
+                                  else v, kw)
     was_training = model.training
     model.eval()
     try:
         with _module_tracker(model) as stack, torch.no_grad():
             try:
-                exported = torch.export.export(model, (), kw, dynamic_shapes=dynamic, strict=False)
+                exported = torch.export.export(model, (), example, dynamic_shapes=dynamic, strict=False)
             except Exception as err:  # torch.export raises many types; all mean "cannot capture"
                 where = stack[-1] if stack and stack[-1] else "the model's own forward"
                 first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

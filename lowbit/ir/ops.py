@@ -2,7 +2,8 @@
 
 Each op's body here is the reference CPU implementation: the numerical ground truth that
 every lowering (Triton, CPU int8, ONNX for QNN) is tested against. Each has a fake (meta)
-implementation so that torch.export and torch.compile can trace through it.
+implementation so that torch.export and torch.compile can trace through it. The ops' signatures
+come from their schemas (``lowbit.ir.schema``); the bodies take their arguments by those names.
 
 Quantization parameters arrive as tensors already shaped to broadcast against the operand
 (a per-channel scale of a (B, N, C) input is (C,)), so one op serves every granularity.
@@ -11,26 +12,24 @@ Rounding is round-half-to-even (``torch.round``), as in the official DGQ and Q-D
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from lowbit.ir.schema import FakeQuant, Log2FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 
 __all__ = [
     "REFERENCES",
     "attention_probs",
     "attention_reference",
     "conv2d_reference",
-    "fake_quant",
     "linear_reference",
     "quantize_probs",
     "timestep_row",
     "uniform_quantize",
     "log2_quantize",
-    "log2_fake_quant",
-    "quantized_attention",
-    "quantized_conv2d",
-    "quantized_linear",
-    "select_timestep",
 ]
 
 _TINY = 1e-30
@@ -50,43 +49,11 @@ def log2_quantize(x: Tensor, scale: Tensor, levels: int) -> Tensor:
     return (scale * torch.exp2(-q)).to(x.dtype)
 
 
-fake_quant = torch.library.custom_op("lowbit::fake_quant", uniform_quantize, mutates_args=())
-
-
-@fake_quant.register_fake
-def _(x, scale, zero_point, qmin, qmax):
-    return torch.empty_like(x)
-
-
-log2_fake_quant = torch.library.custom_op("lowbit::log2_fake_quant", log2_quantize, mutates_args=())
-
-
-@log2_fake_quant.register_fake
-def _(x, scale, levels):
-    return torch.empty_like(x)
-
-
 def timestep_row(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tensor:
     """Row of ``table`` for the calibrated timestep nearest to ``timestep`` (its first element)."""
     t = timestep.reshape(-1)[0].to(timesteps.dtype)
     row = torch.argmin((timesteps - t).abs()).reshape(1)
     return torch.index_select(table, 0, row)[0]  # a tensor index, never .item(): compilers trace it
-
-
-@torch.library.custom_op("lowbit::select_timestep", mutates_args=())
-def select_timestep(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tensor:
-    """Row of ``table`` for the calibrated timestep nearest to ``timestep`` (its first element).
-
-    Per-timestep quantization (DGQ eq. 7, TFMQ-DM) stores one parameter row per calibrated
-    timestep; the graph picks the row from the timestep input it receives, so the quantized
-    module works inside a diffusers pipeline's own denoising loop.
-    """
-    return timestep_row(table, timesteps, timestep).clone()
-
-
-@select_timestep.register_fake
-def _(table, timesteps, timestep):
-    return table.new_empty(table.shape[1:])
 
 
 def _quantize_input(x: Tensor, scale: Tensor | None, zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
@@ -117,14 +84,6 @@ def linear_reference(
     return F.linear(xq, _dequantize_weight(weight, weight_scale, x.dtype), bias)
 
 
-quantized_linear = torch.library.custom_op("lowbit::quantized_linear", linear_reference, mutates_args=())
-
-
-@quantized_linear.register_fake
-def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qmin, input_qmax):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
 def conv2d_reference(
     x: Tensor,
     weight: Tensor,
@@ -143,18 +102,6 @@ def conv2d_reference(
     xq = _quantize_input(x, input_scale, input_zero_point, input_qmin, input_qmax)
     w = _dequantize_weight(weight, weight_scale, x.dtype)
     return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
-
-
-quantized_conv2d = torch.library.custom_op("lowbit::quantized_conv2d", conv2d_reference, mutates_args=())
-
-
-@quantized_conv2d.register_fake
-def _(x, weight, weight_scale, bias, input_scale, input_zero_point, input_qmin, input_qmax, stride, padding, dilation, groups):
-    h, w = x.shape[-2:]
-    kh, kw = weight.shape[-2:]
-    oh = (h + 2 * padding[0] - dilation[0] * (kh - 1) - 1) // stride[0] + 1
-    ow = (w + 2 * padding[1] - dilation[1] * (kw - 1) - 1) // stride[1] + 1
-    return x.new_empty((*x.shape[:-3], weight.shape[0], oh, ow))
 
 
 def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
@@ -232,21 +179,27 @@ def attention_reference(
     return torch.matmul(probs.to(v.dtype), v)
 
 
-quantized_attention = torch.library.custom_op("lowbit::quantized_attention", attention_reference, mutates_args=())
+def _select_timestep(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tensor:
+    """Per-step quantization (DGQ eq. 7, TFMQ-DM) stores one parameter row per calibrated step;
+    the graph picks the row from the step input it receives, so the quantized module works inside
+    a diffusers pipeline's own denoising loop. (A copy: an op's output may not alias its input.)"""
+    return timestep_row(table, timesteps, timestep).clone()
 
 
-@quantized_attention.register_fake
-def _(q, k, v, attn_mask, scale, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token, dynamic_scale):
-    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+FakeQuant.define("lowbit::fake_quant", uniform_quantize)
+Log2FakeQuant.define("lowbit::log2_fake_quant", log2_quantize)
+SelectTimestep.define("lowbit::select_timestep", _select_timestep)
+QuantizedLinear.define("lowbit::quantized_linear", linear_reference)
+QuantizedConv2d.define("lowbit::quantized_conv2d", conv2d_reference)
+QuantizedAttention.define("lowbit::quantized_attention", attention_reference)
 
-
-# The plain-PyTorch body of each op: what a lowering inlines where it has nothing faster, so
-# that its compiler (inductor) fuses the reference arithmetic instead of calling the opaque op.
-REFERENCES = {
-    torch.ops.lowbit.fake_quant.default: uniform_quantize,
-    torch.ops.lowbit.log2_fake_quant.default: log2_quantize,
-    torch.ops.lowbit.select_timestep.default: timestep_row,
-    torch.ops.lowbit.quantized_linear.default: linear_reference,
-    torch.ops.lowbit.quantized_conv2d.default: conv2d_reference,
-    torch.ops.lowbit.quantized_attention.default: attention_reference,
+# The plain-PyTorch body of each op, called with the op's arguments by name: what a lowering inlines
+# where it has nothing faster, so that its compiler (inductor) fuses the reference arithmetic.
+REFERENCES: dict[object, Callable[..., Tensor]] = {
+    FakeQuant.overload(): uniform_quantize,
+    Log2FakeQuant.overload(): log2_quantize,
+    SelectTimestep.overload(): timestep_row,
+    QuantizedLinear.overload(): linear_reference,
+    QuantizedConv2d.overload(): conv2d_reference,
+    QuantizedAttention.overload(): attention_reference,
 }

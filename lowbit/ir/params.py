@@ -13,7 +13,7 @@ from torch import Tensor
 
 from lowbit.ir.annotations import QuantSpec
 
-__all__ = ["PARAMS", "OperandParams", "target_name"]
+__all__ = ["PARAMS", "OperandParams", "asymmetric", "target_name"]
 
 # The submodule of a quantized graph that holds every quantization-parameter buffer.
 PARAMS = "lowbit_params"
@@ -21,6 +21,16 @@ PARAMS = "lowbit_params"
 
 def target_name(layer: str, operand: str) -> str:
     return f"{layer}:{operand}"
+
+
+_EPS = 1e-8
+
+
+def asymmetric(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
+    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_EPS)
+    zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
+    return scale, zero_point
 
 
 @dataclass

@@ -7,9 +7,12 @@ where it happened rather than as a shape error three passes later.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch.fx
 
 from lowbit.ir.graph_edit import fetch_attr
+from lowbit.ir.schema import SelectTimestep, schema_class
 from lowbit.ir.annotations import (
     ATTENTION_KEY, CREATED_BY_KEY, LAYER_KEY, OUTLIER_KEY, QUANT_KEY, AttentionInfo, LayerInfo, OutlierDim, QuantAnnotation,
 )
@@ -29,6 +32,18 @@ def _fail(stage: str, node: torch.fx.Node, problem: str) -> None:
 
 def _is_lowbit_op(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and getattr(node.target, "namespace", None) == "lowbit"
+
+
+def _check_arguments(stage: str, node: torch.fx.Node) -> None:
+    """lowbit ops carry their arguments by name, exactly their schema's fields: nothing can read
+    them by position, and a field added to a schema cannot be silently missing from a node."""
+    schema = schema_class(node)
+    if schema is None:
+        _fail(stage, node, f"{node.target} has no schema in lowbit.ir.schema")
+    fields = [f.name for f in dataclasses.fields(schema)]
+    if node.args or sorted(node.kwargs) != sorted(fields):
+        _fail(stage, node, f"{node.target} must be called with exactly its schema's fields by keyword "
+                           f"({', '.join(fields)}); emit it with {schema.__name__}(...).emit(graph)")
 
 
 def verify(gm: torch.fx.GraphModule, stage: str) -> None:
@@ -52,7 +67,8 @@ def verify(gm: torch.fx.GraphModule, stage: str) -> None:
         if QUANT_KEY in node.meta and LAYER_KEY not in node.meta:
             _fail(stage, node, "a quantization annotation without a layer annotation")
         if _is_lowbit_op(node):
+            _check_arguments(stage, node)
             if CREATED_BY_KEY not in node.meta:
                 _fail(stage, node, f"lowbit op {node.target} carries no '{CREATED_BY_KEY}' stamp")
-            if str(node.target) != "lowbit.select_timestep.default" and LAYER_KEY not in node.meta:
+            if node.target != SelectTimestep.overload() and LAYER_KEY not in node.meta:
                 _fail(stage, node, f"lowbit op {node.target} carries no layer annotation")

@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 __all__ = [
-    "INTERPRET",
+    "interpreting",
     "TINY",
     "UINT8_OFFSET",
     "PreparedWeight",
@@ -39,7 +39,13 @@ __all__ = [
     "tile_offsets",
 ]
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+def interpreting() -> bool:
+    """Whether Triton runs kernels in its interpreter (on CPU tensors). Read when a kernel is launched:
+    tile sizes follow it. (``@triton.jit`` itself reads the variable when a kernel module is imported.)"""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+
 TINY = 1e-30  # smallest scale: an all-zero row quantizes to zeros instead of NaN (as lowbit.ir.ops)
 UINT8_OFFSET = 128  # lowbit's unsigned activation code q in [0, 255] is stored as the int8 q - 128
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -128,7 +134,7 @@ def gemm_configs(block_k: bool = True) -> list[triton.Config]:
 
     ``block_k=False`` leaves BLOCK_K out (the group GEMM's BLOCK_K is fixed by its weight layout).
     """
-    if INTERPRET:
+    if interpreting():
         shapes = [(32, 32, 32, 1, 4)]
     else:
         shapes = [(128, 256, 128, 3, 8), (256, 128, 128, 3, 8), (128, 128, 128, 4, 8), (128, 128, 64, 4, 4),

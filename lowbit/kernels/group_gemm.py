@@ -24,13 +24,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.common import (INTERPRET, dequantize_accumulator, gemm_configs, int_matmul, new_output,
+from lowbit.kernels.common import (dequantize_accumulator, gemm_configs, int_matmul, interpreting, new_output,
                                    store_output, tile_offsets, tiles)
 from lowbit.kernels.quantize_activation import quantize_gathered
 
 __all__ = ["GroupedWeight", "group_gemm", "group_gemm_reference", "prepare_grouped_weight", "quantize_grouped"]
 
-DEFAULT_BLOCK_K = 32 if INTERPRET else 64  # padding per group costs up to block_k - 1 zero columns
+def default_block_k() -> int:
+    """The weight layout's K tile: padding per group costs up to block_k - 1 zero columns."""
+    return 32 if interpreting() else 64
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ def _group_gemm_kernel(a_ptr, w_ptr, out_ptr, g_scale_ptr, g_zp_ptr, segments_pt
 
 
 def prepare_grouped_weight(weight: Tensor, weight_scale: Tensor, labels: Tensor, num_groups: int | None = None,
-                           block_k: int = DEFAULT_BLOCK_K) -> GroupedWeight:
+                           block_k: int | None = None) -> GroupedWeight:
     """lowbit's int8 weight [N, K], per-channel scale [N] and group label of every input channel [K] (0..G-1)."""
     if weight.dim() != 2 or labels.shape != (weight.shape[1],):
         raise ValueError(f"expected an [N, K] weight and K labels; got {tuple(weight.shape)}, {tuple(labels.shape)}")
@@ -91,6 +93,7 @@ def prepare_grouped_weight(weight: Tensor, weight_scale: Tensor, labels: Tensor,
     if labels.min() < 0 or labels.max() >= g:
         raise ValueError(f"labels must lie in [0, {g})")
     counts = torch.bincount(labels, minlength=g)
+    block_k = block_k or default_block_k()
     padded = (counts + block_k - 1) // block_k * block_k
     segments = torch.cat([padded.new_zeros(1), padded.cumsum(0)])
     order = torch.sort(labels, stable=True).indices  # channels, group by group

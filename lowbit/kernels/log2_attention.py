@@ -23,12 +23,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.common import INTERPRET, TINY, rint
+from lowbit.kernels.common import TINY, interpreting, rint
 
 __all__ = ["log2_attention", "log2_attention_reference"]
 
 _TINY = tl.constexpr(TINY)
-_BLOCK_M, _BLOCK_N = (16, 16) if INTERPRET else (64, 64)
 
 
 @triton.jit
@@ -133,12 +132,13 @@ def log2_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, levels: int, s
     if out.numel() == 0:
         return out
     stats = torch.empty((3, b * h, n_q), dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(n_q, _BLOCK_M), b * h)
-    f32 = q.dtype == torch.float32 or INTERPRET
+    block_m, block_n = (16, 16) if interpreting() else (64, 64)
+    grid = (triton.cdiv(n_q, block_m), b * h)
+    f32 = q.dtype == torch.float32 or interpreting()
     block_d = max(16, triton.next_power_of_2(d))
     _row_stats_kernel[grid](q, k, stats[0], stats[1], stats[2], h, n_q, n_kv, d, scale, start_token,
                             q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                            F32=f32, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=block_d)
+                            F32=f32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d)
     if probs_scale is None:
         s_p = stats[2].amax().clamp_min(TINY).reshape(1)
     else:
@@ -146,7 +146,7 @@ def log2_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, levels: int, s
     _attend_kernel[grid](q, k, v, out, stats[0], stats[1], s_p, h, n_q, n_kv, d, dv, scale, start_token, levels,
                          q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
                          v.stride(0), v.stride(1), v.stride(2), out.stride(2),
-                         F32=f32, BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=block_d,
+                         F32=f32, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
                          BLOCK_DV=max(16, triton.next_power_of_2(dv)))
     return out
 

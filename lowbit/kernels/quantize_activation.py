@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.common import INTERPRET, TINY, UINT8_OFFSET, affine_code, per_row
+from lowbit.kernels.common import TINY, interpreting, UINT8_OFFSET, affine_code, per_row
 
 __all__ = [
     "quantize_gathered",
@@ -33,7 +33,10 @@ __all__ = [
 
 _TINY = tl.constexpr(TINY)
 _OFFSET = tl.constexpr(float(UINT8_OFFSET))
-_BLOCK_M, _BLOCK_K = (16, 32) if INTERPRET else (4, 512)
+
+
+def _tiles() -> tuple[int, int]:
+    return (16, 32) if interpreting() else (4, 512)
 
 
 @triton.jit
@@ -100,8 +103,9 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
     q = torch.empty((m, k), dtype=torch.int8, device=x.device)
     scale = torch.empty((m,), dtype=torch.float32, device=x.device)
     if m:
-        _per_token_kernel[(triton.cdiv(m, _BLOCK_M),)](x, q, scale, m, k, x.stride(0), q.stride(0),
-                                                        BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K)
+        block_m, block_k = _tiles()
+        _per_token_kernel[(triton.cdiv(m, block_m),)](x, q, scale, m, k, x.stride(0), q.stride(0),
+                                                       BLOCK_M=block_m, BLOCK_K=block_k)
     return q, scale
 
 
@@ -111,11 +115,12 @@ def _launch_static(x: Tensor, scale: Tensor, zp: Tensor, strides: tuple[int, int
     m, k_in = x.shape
     q = torch.empty((m, k_out), dtype=torch.int8, device=x.device)
     if m and k_out:
-        grid = (triton.cdiv(m, _BLOCK_M), triton.cdiv(k_out, _BLOCK_K))
+        block_m, block_k = _tiles()
+        grid = (triton.cdiv(m, block_m), triton.cdiv(k_out, block_k))
         gather = columns is not None
         _static_kernel[grid](x, q, scale, zp, columns if gather else scale, groups if gather else scale,
                              m, k_in, k_out, x.stride(0), q.stride(0), *strides, float(qmin), float(qmax),
-                             GATHER=gather, BLOCK_M=_BLOCK_M, BLOCK_K=_BLOCK_K)
+                             GATHER=gather, BLOCK_M=block_m, BLOCK_K=block_k)
     return q
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -80,11 +81,12 @@ class CompileReport:
         return text
 
 
-_REPORTS: list[CompileReport] = []
+MAX_REPORTS = 256
+_REPORTS: deque[CompileReport] = deque(maxlen=MAX_REPORTS)  # bounded: a long-running server compiles forever
 
 
 def compile_reports() -> list[CompileReport]:
-    """Reports of every graph the backend compiled in this process, oldest first."""
+    """Reports of the last ``MAX_REPORTS`` graphs the backend compiled in this process, oldest first."""
     return list(_REPORTS)
 
 
@@ -107,9 +109,11 @@ _SEEN_BREAKS: dict[str, int] = {}
 
 
 def _new_graph_breaks() -> dict[str, int]:
-    """Graph breaks dynamo counted since the backend last looked (its counters are process-wide)."""
+    """Graph breaks dynamo counted since the backend last looked. Its counters are process-wide; the
+    copy kept here mirrors them (reasons dynamo has since forgotten are dropped), so it stays as small."""
     now = dict(counters["graph_break"])
     new = {reason: n - _SEEN_BREAKS.get(reason, 0) for reason, n in now.items() if n > _SEEN_BREAKS.get(reason, 0)}
+    _SEEN_BREAKS.clear()
     _SEEN_BREAKS.update(now)
     return new
 

@@ -26,6 +26,7 @@ import torch.fx
 from torch import Tensor
 
 from lowbit.ir.ops import linear_reference
+from lowbit.ir.schema import QuantizedLinear
 
 __all__ = ["CHANNEL_GROUPED", "CPU_TRANSLATIONS", "channel_groups", "group_linear", "int8_form", "int8_linear"]
 
@@ -34,8 +35,9 @@ CHANNEL_GROUPED = "channel-grouped input scale (DGQ groups) varies along the red
 
 
 def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
-                input_zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+                input_zero_point: Tensor | None, input_qmin: int, input_qmax: int) -> Tensor:
     """``lowbit.quantized_linear`` through ``torch._int_mm``; the input scale is per tensor or per row."""
+    qmin, qmax = input_qmin, input_qmax
     k = x.shape[-1]
     rows = x.reshape(-1, k).float()
     row_shape = (*x.shape[:-1], 1)
@@ -74,10 +76,10 @@ def _group_layout(weight: Tensor, labels: Tensor, groups: int) -> tuple[Tensor, 
     return layouts[key]
 
 
-@torch.library.custom_op("lowbit_cpu::group_linear", mutates_args=())
-def group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
-                 input_zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+def _group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
+                  input_zero_point: Tensor, input_qmin: int, input_qmax: int) -> Tensor:
     """``lowbit.quantized_linear`` with DGQ channel groups: one int8 GEMM per group, summed."""
+    qmin, qmax = input_qmin, input_qmax
     groups, labels = channel_groups(input_scale, input_zero_point)
     order, reordered, bounds, sums = _group_layout(weight, labels, groups.shape[0])
     rows = x.reshape(-1, x.shape[-1]).float()[:, order]
@@ -96,9 +98,7 @@ def group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor |
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
-@group_linear.register_fake
-def _(x, weight, weight_scale, bias, input_scale, input_zero_point, qmin, qmax):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+group_linear = QuantizedLinear.define("lowbit_cpu::group_linear", _group_linear)
 
 
 def _shape(node: object) -> tuple[int, ...] | None:
@@ -110,14 +110,14 @@ def _shape(node: object) -> tuple[int, ...] | None:
 
 def int8_form(node: torch.fx.Node) -> str | None:
     """None when a ``quantized_linear`` node has an int8 form, else why not."""
-    _, weight, _, _, scale, _, qmin, qmax = node.args
-    if scale is None:
+    op = QuantizedLinear.of(node)
+    if op.input_scale is None:
         return "input not quantized"
-    if qmax - qmin + 1 > _INT8_LEVELS:
-        return f"{(qmax - qmin + 1).bit_length() - 1}-bit activations do not fit int8"
-    weight_shape, scale_shape = _shape(weight), _shape(scale)
+    if op.input_levels > _INT8_LEVELS:
+        return f"{op.input_levels.bit_length() - 1}-bit activations do not fit int8"
+    weight_shape, scale_shape = _shape(op.weight), _shape(op.input_scale)
     if weight_shape is not None and scale_shape and scale_shape[-1] != 1 and scale_shape[-1] == weight_shape[1]:
-        return CHANNEL_GROUPED if node.args[5] is not None else "channel-grouped input without zero points"
+        return CHANNEL_GROUPED if op.input_zero_point is not None else "channel-grouped input without zero points"
     return None
 
 
@@ -130,4 +130,4 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     return linear_reference, reason
 
 
-CPU_TRANSLATIONS = {torch.ops.lowbit.quantized_linear.default: _linear}
+CPU_TRANSLATIONS = {QuantizedLinear.overload(): _linear}

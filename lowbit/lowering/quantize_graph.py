@@ -169,7 +169,7 @@ class QuantizedDynamoGraph:
 def quantize_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: list, recipe: Any, calibration: Iterable,
                           timestep_arg: str | None) -> QuantizedDynamoGraph:
     """Quantize ``gm`` with ``recipe``, calibrated on ``(args, kwargs)`` samples of the model's forward."""
-    from lowbit.quantize import quantize
+    from lowbit.core.quantize import quantize
 
     module = _GraphAsModule(gm, example_inputs, _Frame.current())
     samples = [((), module.frame.keywords(i, tuple(a), dict(k), module.input_names)) for i, (a, k) in enumerate(calibration)]

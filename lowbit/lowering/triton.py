@@ -18,6 +18,7 @@ import torch.fx
 from torch import Tensor
 
 from lowbit.ir.ops import attention_reference, linear_reference
+from lowbit.ir.schema import QuantizedAttention, QuantizedLinear
 from lowbit.kernels.common import UINT8_OFFSET, PreparedWeight
 from lowbit.kernels.group_gemm import GroupedWeight, group_gemm, prepare_grouped_weight, quantize_grouped
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
@@ -38,10 +39,10 @@ def _prepared(weight: Tensor, weight_scale: Tensor) -> PreparedWeight:
     return prepared
 
 
-@torch.library.custom_op("lowbit_triton::int8_linear", mutates_args=())
-def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
-                input_zero_point: Tensor | None, qmin: int, qmax: int) -> Tensor:
+def _int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
+                 input_zero_point: Tensor | None, input_qmin: int, input_qmax: int) -> Tensor:
     """Static per-tensor (or per-row) activation quantizer + W8A8 GEMM with the fused epilogue."""
+    qmin, qmax = input_qmin, input_qmax
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     row_shape = (*x.shape[:-1], 1)
     scale = input_scale.float().expand(row_shape).reshape(-1)
@@ -54,14 +55,8 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
-@int8_linear.register_fake
-def _(x, weight, weight_scale, bias, input_scale, input_zero_point, qmin, qmax):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("lowbit_triton::group_linear", mutates_args=())
-def group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
-                 input_zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
+def _group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
+                  input_zero_point: Tensor, input_qmin: int, input_qmax: int) -> Tensor:
     """DGQ channel groups: lowbit stores one (scale, zero point) per input channel, G distinct pairs.
     The pairs become G groups; the weight is reordered group-contiguous once per grouping (a
     per-timestep grouping gives one layout per calibrated timestep) and the group GEMM applies
@@ -73,14 +68,14 @@ def group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor |
         layouts[key] = prepare_grouped_weight(weight, weight_scale, labels, groups.shape[0])
     grouped = layouts[key]
     rows = x.reshape(-1, x.shape[-1]).contiguous()
-    codes = quantize_grouped(rows, grouped, groups[:, 0], groups[:, 1], qmin, qmax)
+    codes = quantize_grouped(rows, grouped, groups[:, 0], groups[:, 1], input_qmin, input_qmax)
     y = group_gemm(codes, grouped, groups[:, 0], groups[:, 1] - UINT8_OFFSET, bias, out_dtype=torch.float32)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
-@group_linear.register_fake
-def _(x, weight, weight_scale, bias, input_scale, input_zero_point, qmin, qmax):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+# lowbit::quantized_linear's signature, so that a node's arguments carry over by name
+int8_linear = QuantizedLinear.define("lowbit_triton::int8_linear", _int8_linear)
+group_linear = QuantizedLinear.define("lowbit_triton::group_linear", _group_linear)
 
 
 @torch.library.custom_op("lowbit_triton::log2_attention", mutates_args=())
@@ -104,18 +99,19 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     return linear_reference, reason
 
 
-def _attention_kernel(q, k, v, attn_mask, scale, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax,
-                      start_token, dynamic_scale):
-    return torch.ops.lowbit_triton.log2_attention.default(q, k, v, scale, probs_qmax + 1, start_token,
-                                                          None if dynamic_scale else probs_scale)
+def _attention_kernel(**arguments) -> Tensor:
+    op = QuantizedAttention(**arguments)
+    return torch.ops.lowbit_triton.log2_attention.default(op.q, op.k, op.v, op.scale, op.probs_qmax + 1, op.start_token,
+                                                          None if op.dynamic_scale else op.probs_scale)
 
 
 def _attention(node: torch.fx.Node) -> tuple[Callable, str | None]:
-    q, _, _, mask, *_, scheme = node.args[:8]
+    op = QuantizedAttention.of(node)
+    q = op.q
     shape = q.meta.get("val", q.meta.get("example_value")).shape if isinstance(q, torch.fx.Node) else ()
-    if scheme != "log2":
+    if op.probs_scheme != "log2":
         return attention_reference, None  # inductor fuses softmax + uniform quantizer + matmuls itself
-    if mask is not None:
+    if op.attn_mask is not None:
         return attention_reference, "attention mask: the log2 kernel takes none"
     if len(shape) != 4:
         return attention_reference, f"q of rank {len(shape)}: the log2 kernel takes (batch, heads, tokens, dim)"
@@ -123,6 +119,6 @@ def _attention(node: torch.fx.Node) -> tuple[Callable, str | None]:
 
 
 TRITON_TRANSLATIONS = {
-    torch.ops.lowbit.quantized_linear.default: _linear,
-    torch.ops.lowbit.quantized_attention.default: _attention,
+    QuantizedLinear.overload(): _linear,
+    QuantizedAttention.overload(): _attention,
 }

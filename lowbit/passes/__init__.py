@@ -1,0 +1,14 @@
+"""lowbit's compiler passes, one per module; importing the package registers every pass by name.
+
+See ``README.md`` beside this file for the invariants every pass keeps and the table of passes.
+"""
+
+from lowbit.passes import (  # noqa: F401  (each module registers its pass)
+    annotate_quantization, canonicalize_attention, choose_quant_params, convert_to_quantized_ops, detect_outlier_dim,
+    group_activations, insert_observers, reconstruct_weights, split_start_token,
+)
+from lowbit.passes.base import PASSES, Pass, PassContext, PassError, PassResult
+from lowbit.passes.pipeline import Pipeline
+from lowbit.passes.registry import create
+
+__all__ = ["PASSES", "Pass", "PassContext", "PassError", "PassResult", "Pipeline", "create"]

@@ -1,21 +1,21 @@
 """Decide which operands are quantized, and how, by attaching QuantAnnotations.
 
-This is where a recipe's choices meet the graph: every linear and convolution gets an input
-and a weight spec, every canonical attention a spec for Q, K, V and its probabilities. Layers
-named by ``keep_fp`` (fnmatch patterns on module paths) stay in full precision, and so do the
-model's input and output layers when ``keep_io_layers`` is set (Q-Diffusion and DGQ keep
-conv_in / conv_out in full precision; for transformers these are the patch embedding and the
-final projection). A pattern that matches no layer is an error, not a silent no-op.
+This is where a recipe's precision (``ctx.precision``, ``lowbit.ir.precision``) meets the graph:
+every linear and convolution gets an input and a weight spec, every canonical attention a spec for
+Q, K, V and its probabilities, at the bit-widths its ``[layers."pattern"]`` overrides resolve to.
+A layer set to ``float`` stays in floating point, and so do the model's input and output layers
+when ``keep_io_layers`` is set (Q-Diffusion and DGQ keep conv_in / conv_out in full precision; for
+transformers these are the patch embedding and the final projection) unless a layer table says
+``float = false`` for them. A pattern that matches no layer is an error, not a silent no-op.
 """
 
 from __future__ import annotations
-
-import fnmatch
 
 import torch
 import torch.fx
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, QuantAnnotation, QuantSpec
+from lowbit.ir.precision import LayerPrecision, Precision, PrecisionError
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
 
 __all__ = ["AnnotateQuantization"]
@@ -38,47 +38,46 @@ def _io_layers(gm: torch.fx.GraphModule) -> set[str]:
     return {n.meta[LAYER_KEY].path for n in (first, weighted[-1]) if n is not None}
 
 
+def _specs(precision: Precision, layer: LayerPrecision, has_timestep: bool) -> tuple[QuantSpec, QuantSpec, QuantSpec]:
+    """(weight, activation, probabilities) specs of one layer. Per-step activation ranges fall
+    back to static ones in a graph without a step input."""
+    mode = precision.activation_mode if has_timestep else "static"
+    weight = QuantSpec(layer.weight_bits, granularity="channel", axis=0, symmetric=True)
+    activation = QuantSpec(layer.activation_bits, mode=mode)
+    probs = QuantSpec(layer.attention_bits, scheme=precision.attention_scheme,
+                      mode="dynamic" if precision.dynamic_attention_scale else mode)
+    return weight, activation, probs
+
+
 class AnnotateQuantization(Pass):
     name = "annotate_quantization"
     requires = ("canonicalize_attention",)
 
-    def __init__(self, weight: QuantSpec, activation: QuantSpec, probs: QuantSpec | None,
-                 keep_fp: tuple[str, ...] = (), keep_io_layers: bool = True, quantize_attention: bool = True):
-        self.weight, self.activation, self.probs = weight, activation, probs
-        self.keep_fp, self.keep_io_layers, self.quantize_attention = tuple(keep_fp), keep_io_layers, quantize_attention
-
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        precision = ctx.precision
+        if precision is None:
+            raise PassError(f"{self.name} reads the recipe's precision from the pass context: PassContext(precision=...)")
         layers = [n for n in gm.graph.nodes if LAYER_KEY in n.meta]
-        paths = [n.meta[LAYER_KEY].path for n in layers]
-        for pattern in self.keep_fp:
-            if not any(fnmatch.fnmatchcase(p, pattern) for p in paths):
-                raise PassError(
-                    f"keep_fp pattern {pattern!r} matches no layer of this model; layer paths look like "
-                    f"{', '.join(sorted(set(paths))[:5])}, ..."
-                )
-        kept = {p for p in paths if any(fnmatch.fnmatchcase(p, pat) for pat in self.keep_fp)}
-        if self.keep_io_layers:
-            kept |= _io_layers(gm)
+        try:
+            precision.check_patterns(n.meta[LAYER_KEY].path for n in layers)
+        except PrecisionError as err:
+            raise PassError(str(err)) from None
+        io = _io_layers(gm) if precision.keep_io_layers else set()
         has_timestep = any(n.op == "placeholder" and n.name == ctx.timestep_arg for n in gm.graph.nodes)
-
-        def for_graph(spec: QuantSpec | None) -> QuantSpec | None:
-            """Per-timestep specs fall back to static in a graph without a timestep input."""
-            if spec is None or has_timestep or spec.mode != "per_timestep":
-                return spec
-            return QuantSpec.from_dict({**spec.to_dict(), "mode": "static"})
-
-        act, probs = for_graph(self.activation), for_graph(self.probs)
         modified = False
         for node in layers:
             info = node.meta[LAYER_KEY]
-            if info.path in kept:
+            layer = precision.resolve(info.path)
+            keep_float = layer.keep_float if layer.keep_float is not None else info.path in io
+            weight, activation, probs = _specs(precision, layer, has_timestep)
+            if keep_float:
                 annotation = None
             elif info.kind == "attention":
-                if not self.quantize_attention:
+                if not precision.quantize_attention:
                     continue
-                annotation = QuantAnnotation(query=act, key=act, value=act, probs=probs)
+                annotation = QuantAnnotation(query=activation, key=activation, value=activation, probs=probs)
             else:
-                annotation = QuantAnnotation(input=act, weight=self.weight)
+                annotation = QuantAnnotation(input=activation, weight=weight)
             if node.meta.get(QUANT_KEY) != annotation:
                 if annotation is None:
                     node.meta.pop(QUANT_KEY, None)

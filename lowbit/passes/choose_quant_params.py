@@ -18,15 +18,15 @@ import torch.fx
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, QuantSpec
 from lowbit.ir.graph_edit import fetch_attr
-from lowbit.ir.params import OperandParams, target_name
+from lowbit.ir.params import OperandParams, asymmetric, target_name
 from lowbit.ir.statistics import ObservationStore, RangeStatistics
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
 
-__all__ = ["ChooseQuantParams", "activation_params", "asymmetric", "weight_params"]
+__all__ = ["ChooseQuantParams", "activation_params", "weight_params"]
 
 WeightRange = Literal["minmax", "mse"]
 _MSE_STEPS, _MSE_P = 80, 2.4
-_EPS = 1e-8
+_EPS = 1e-8  # the smallest scale, as in lowbit.ir.params.asymmetric
 
 
 def _weight_scale(w: torch.Tensor, spec: QuantSpec, method: WeightRange) -> torch.Tensor:
@@ -53,13 +53,6 @@ def weight_params(w: torch.Tensor, spec: QuantSpec, method: WeightRange) -> Oper
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.clamp(torch.round(w.detach().float() / scale.reshape(shape)), spec.qmin, spec.qmax)
     return OperandParams(spec, scale, torch.zeros_like(scale), qvalues=q.to(OperandParams.storage_dtype(spec)))
-
-
-def asymmetric(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
-    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_EPS)
-    zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
-    return scale, zero_point
 
 
 def _bounds(stats: RangeStatistics, exclude_column: int | None) -> tuple[float, float]:
@@ -96,6 +89,7 @@ def activation_params(target: str, store: ObservationStore, spec: QuantSpec, exc
 
 class ChooseQuantParams(Pass):
     name = "choose_quant_params"
+    phase = "decide"
     requires = ("insert_observers",)
 
     def __init__(self, weight_range: WeightRange = "minmax"):
@@ -104,6 +98,7 @@ class ChooseQuantParams(Pass):
         self.weight_range = weight_range
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        chosen = 0
         for node in gm.graph.nodes:
             annotation = node.meta.get(QUANT_KEY)
             if annotation is None:
@@ -119,5 +114,6 @@ class ChooseQuantParams(Pass):
                 else:
                     column = annotation.start_token if operand == "probs" else None
                     ctx.params[target] = activation_params(target, ctx.observations, spec, column)
+                chosen += 1
         # The graph itself is unchanged: parameters live in the context until convert_to_quantized_ops.
-        return PassResult(gm, modified=False)
+        return PassResult(gm, modified=chosen > 0)

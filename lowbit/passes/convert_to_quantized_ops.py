@@ -13,18 +13,15 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from lowbit.ir import ops  # noqa: F401  (registers the torch.ops.lowbit namespace)
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.attention import parse_canonical_attention
-from lowbit.ir.graph_edit import call, erase_unused
+from lowbit.ir.graph_edit import erase_unused
+from lowbit.ir.observers import OBSERVERS
 from lowbit.ir.params import PARAMS, OperandParams, target_name
+from lowbit.ir.schema import FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
-from lowbit.passes.insert_observers import OBSERVERS
 
 __all__ = ["ConvertToQuantizedOps"]
-
-lowbit = torch.ops.lowbit
-aten = torch.ops.aten
 
 
 def _pair(v) -> list[int]:
@@ -62,8 +59,8 @@ class _Emitter:
             raise PassError(f"{target} has per-timestep parameters but the graph has no '{self.ctx.timestep_arg}' input")
         steps = self.buffer(target, "timesteps", p.timesteps)
         graph = self.gm.graph
-        return (call(graph, lowbit.select_timestep.default, (scale, steps, self.timestep)),
-                call(graph, lowbit.select_timestep.default, (zero_point, steps, self.timestep)))
+        return (SelectTimestep(table=scale, timesteps=steps, timestep=self.timestep).emit(graph),
+                SelectTimestep(table=zero_point, timesteps=steps, timestep=self.timestep).emit(graph))
 
 
 def _convert_weighted(em: _Emitter, node: torch.fx.Node) -> torch.fx.Node:
@@ -80,12 +77,13 @@ def _convert_weighted(em: _Emitter, node: torch.fx.Node) -> torch.fx.Node:
     else:
         s = z = None
         qmin, qmax = 0, 0
+    common = dict(x=x, weight=weight, weight_scale=weight_scale, bias=bias, input_scale=s, input_zero_point=z,
+                  input_qmin=qmin, input_qmax=qmax)
     if kind == "linear":
-        return call(em.gm.graph, lowbit.quantized_linear.default, (x, weight, weight_scale, bias, s, z, qmin, qmax))
+        return QuantizedLinear(**common).emit(em.gm.graph)
     stride, padding, dilation = (_pair(a if a is not None else d) for a, d in zip(args[3:6], (1, 0, 1)))
     groups = int(args[6]) if args[6] is not None else 1
-    return call(em.gm.graph, lowbit.quantized_conv2d.default,
-                (x, weight, weight_scale, bias, s, z, qmin, qmax, stride, padding, dilation, groups))
+    return QuantizedConv2d(**common, stride=stride, padding=padding, dilation=dilation, groups=groups).emit(em.gm.graph)
 
 
 def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
@@ -97,7 +95,7 @@ def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
         spec = getattr(annotation, name)
         if spec is not None:
             s, z = em.scale_and_zero_point(target_name(path, name))
-            value = call(em.gm.graph, lowbit.fake_quant.default, (value, s, z, spec.qmin, spec.qmax))
+            value = FakeQuant(x=value, scale=s, zero_point=z, qmin=spec.qmin, qmax=spec.qmax).emit(em.gm.graph)
             value.meta[LAYER_KEY] = probs.meta[LAYER_KEY]
         operands.append(value)
     spec = annotation.probs
@@ -107,8 +105,10 @@ def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
     scheme, qmin, qmax = (spec.scheme, spec.qmin, spec.qmax) if spec is not None else ("none", 0, 0)
     start = annotation.start_token if annotation.start_token is not None else -1
     dynamic = spec is not None and spec.mode == "dynamic"
-    return call(em.gm.graph, lowbit.quantized_attention.default,
-                (*operands, ops.mask, ops.scale, ps, pz, scheme, qmin, qmax, start, dynamic)), ops.output
+    q, k, v = operands
+    op = QuantizedAttention(q=q, k=k, v=v, attn_mask=ops.mask, scale=ops.scale, probs_scale=ps, probs_zero_point=pz,
+                            probs_scheme=scheme, probs_qmin=qmin, probs_qmax=qmax, start_token=start, dynamic_scale=dynamic)
+    return op.emit(em.gm.graph), ops.output
 
 
 def _drop_unused_parameters(gm: torch.fx.GraphModule) -> None:
@@ -121,6 +121,7 @@ def _drop_unused_parameters(gm: torch.fx.GraphModule) -> None:
 
 class ConvertToQuantizedOps(Pass):
     name = "convert_to_quantized_ops"
+    phase = "convert"
     requires = ("annotate_quantization",)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:

@@ -64,7 +64,9 @@ def _text_dependent(gm: torch.fx.GraphModule, text: torch.fx.Node | None) -> set
 
 class DetectOutlierDim(Pass):
     name = "detect_outlier_dim"
+    phase = "decide"
     requires = ("insert_observers",)
+    before = ("group_activations",)
 
     def __init__(self, text_input: str = "encoder_hidden_states"):
         self.text_input = text_input

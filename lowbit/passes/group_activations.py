@@ -27,14 +27,12 @@ import dataclasses
 import numpy as np
 import torch
 import torch.fx
-from sklearn.cluster import KMeans
 
 from lowbit.ir.annotations import LAYER_KEY, OUTLIER_KEY, QUANT_KEY, QuantSpec
 from lowbit.ir.operands import activation_operands, broadcast_shape
-from lowbit.ir.params import OperandParams, target_name
+from lowbit.ir.params import OperandParams, asymmetric, target_name
 from lowbit.ir.statistics import RangeStatistics
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
-from lowbit.passes.choose_quant_params import asymmetric
 
 __all__ = ["GroupActivations", "cluster_ranges"]
 
@@ -47,6 +45,8 @@ def cluster_ranges(vmin: torch.Tensor, vmax: torch.Tensor, k: int) -> np.ndarray
     k = min(k, len(np.unique(points, axis=0)))
     if k <= 1:
         return np.zeros(len(points), dtype=np.int64)
+    from sklearn.cluster import KMeans  # scikit-learn loads only when a recipe groups activations
+
     return KMeans(n_clusters=k, random_state=0, n_init=10).fit_predict(points).astype(np.int64)
 
 
@@ -56,12 +56,13 @@ def _ranges(stats: RangeStatistics, dim: str) -> tuple[torch.Tensor, torch.Tenso
 
 class GroupActivations(Pass):
     name = "group_activations"
+    phase = "decide"
     requires = ("choose_quant_params",)
 
-    def __init__(self, num_groups: int, select_dim: bool = True, group_text_tokens: bool = False):
-        if num_groups < 1:
-            raise ValueError(f"num_groups must be at least 1; got {num_groups}")
-        self.num_groups, self.select_dim, self.group_text_tokens = num_groups, select_dim, group_text_tokens
+    def __init__(self, groups: int = 8, select_dim: bool = True, group_text_tokens: bool = False):
+        if groups < 1:
+            raise ValueError(f"groups must be at least 1; got {groups}")
+        self.num_groups, self.select_dim, self.group_text_tokens = groups, select_dim, group_text_tokens
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         modified = False

@@ -5,6 +5,8 @@ the graph's timestep input and files its streaming statistics under (target, tim
 context's ObservationStore: per-channel and per-token min/max plus per-channel moments, whose
 memory grows with channels + tokens, never with the number of calibration samples. Observers
 are side-effect nodes (no users), so the observed graph computes exactly what it did before.
+They hold no store: calibration runs the graph inside ``lowbit.ir.observers.observing(gm,
+ctx.observations)``, which hands them the context's store for that time only.
 """
 
 from __future__ import annotations
@@ -16,44 +18,15 @@ from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.operands import activation_operands
 from lowbit.ir.params import target_name
-from lowbit.ir.statistics import CalibrationError, Layout, ObservationStore, RangeStatistics
+from lowbit.ir.observers import OBSERVERS, Observer
 from lowbit.passes.base import Pass, PassContext, PassResult
 
-__all__ = ["OBSERVERS", "InsertObservers", "Observer"]
-
-OBSERVERS = "lowbit_observers"
-
-
-class Observer(torch.nn.Module):
-    """Records RangeStatistics of its input, split by the timestep of each batch element."""
-
-    def __init__(self, target: str, node: str, layout: Layout, store: ObservationStore):
-        super().__init__()
-        self.target, self.node, self.layout, self.store = target, node, layout, store
-
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor | None = None) -> None:
-        steps = [0.0] if timestep is None else torch.as_tensor(timestep).reshape(-1).tolist()
-        if not torch.isfinite(x).all():
-            raise CalibrationError(
-                f"non-finite values (NaN or Inf) reached {self.target} (node '{self.node}') at timestep "
-                f"{steps[0]:g}: check the calibration inputs, or the layers before this one, for overflow"
-            )
-        unique = sorted(set(steps))
-        if len(unique) == 1:
-            self.store.add(self.target, unique[0], RangeStatistics.of(x, self.layout))
-            return
-        if x.shape[0] != len(steps):
-            raise CalibrationError(
-                f"{self.target} (node '{self.node}'): the batch mixes timesteps {unique} but this tensor's "
-                f"leading dimension ({x.shape[0]}) is not the batch ({len(steps)}); calibrate one timestep per call"
-            )
-        t = torch.tensor(steps)
-        for value in unique:
-            self.store.add(self.target, value, RangeStatistics.of(x[t == value], self.layout))
+__all__ = ["InsertObservers"]
 
 
 class InsertObservers(Pass):
     name = "insert_observers"
+    phase = "observe"
     requires = ("annotate_quantization",)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -74,7 +47,7 @@ class InsertObservers(Pass):
                     continue
                 target = target_name(info.path, operand)
                 name = f"obs{count}"
-                holder.add_module(name, Observer(target, value.name, layout, ctx.observations))
+                holder.add_module(name, Observer(target, value.name, layout))
                 with graph.inserting_before(consumer):  # after the operand and the timestep input
                     graph.call_module(f"{OBSERVERS}.{name}", (value, timestep))
                 count += 1

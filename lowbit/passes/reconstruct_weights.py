@@ -34,9 +34,9 @@ from tqdm.auto import tqdm
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.graph_edit import fetch_attr
 from lowbit.ir.graph_view import find_blocks
+from lowbit.ir.observers import OBSERVERS
 from lowbit.ir.params import OperandParams, target_name
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
-from lowbit.passes.insert_observers import OBSERVERS
 
 __all__ = ["ReconstructWeights", "Unit", "reconstruction_units"]
 
@@ -199,27 +199,29 @@ def _output_error(outputs: tuple, targets: list) -> torch.Tensor:
 
 class ReconstructWeights(Pass):
     name = "reconstruct_weights"
+    phase = "decide"
     requires = ("choose_quant_params",)
 
-    def __init__(self, iterations: int = 200, seed: int = 0):
-        if iterations < 1:
-            raise ValueError(f"iterations must be at least 1; got {iterations}")
-        self.iterations, self.seed = iterations, seed
+    def __init__(self, iterations: int = 200, samples: int = 8, seed: int = 0):
+        if iterations < 1 or samples < 1:
+            raise ValueError(f"iterations and samples must be at least 1; got {iterations}, {samples}")
+        self.iterations, self.kept_samples, self.seed = iterations, samples, seed
         self.losses: dict[str, tuple[float, float]] = {}  # unit -> (nearest, kept) output error on the kept samples
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         if not ctx.samples:
-            raise PassError(f"{self.name} needs calibration samples in the pass context (lowbit.quantize keeps them "
-                            f"when the recipe's weight_range is 'adaround')")
+            raise PassError(f"{self.name} needs calibration samples in the pass context (lowbit.quantize keeps "
+                            f"{self.kept_samples} of them for this pass)")
         rng = np.random.default_rng(self.seed)
         units = reconstruction_units(gm)
         # disable=None: a bar on a terminal, silent in logs and tests
-        for unit in tqdm(units, desc=f"{self.name} ({self.iterations} iterations per block)", disable=None, leave=False):
-            self._reconstruct(gm, unit, ctx, rng)
+        bar = tqdm(units, desc=f"{self.name} ({self.iterations} iterations per block)", disable=None, leave=False)
+        learned = [self._reconstruct(gm, unit, ctx, rng) for unit in bar]
         # only the integer weights in ctx.params change; the graph is converted later
-        return PassResult(gm, modified=False)
+        return PassResult(gm, modified=any(learned))
 
-    def _reconstruct(self, gm: torch.fx.GraphModule, unit: Unit, ctx: PassContext, rng: np.random.Generator) -> None:
+    def _reconstruct(self, gm: torch.fx.GraphModule, unit: Unit, ctx: PassContext, rng: np.random.Generator) -> bool:
+        """Learn the rounding of one unit's weights; True if it beat nearest rounding and replaced it."""
         sub = _Subgraph(gm, unit)
         recorder = _Recorder(gm, sub.inputs + sub.outputs)
         with torch.no_grad():
@@ -250,3 +252,4 @@ class ReconstructWeights(Pass):
         if after < before:  # the hard rounding can lose to nearest where nearest was already good: keep the better
             for t, p in zip(targets, learned):
                 ctx.params[t] = p
+        return after < before

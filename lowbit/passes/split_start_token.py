@@ -25,6 +25,7 @@ __all__ = ["SplitStartToken"]
 class SplitStartToken(Pass):
     name = "split_start_token"
     requires = ("annotate_quantization",)
+    before = ("choose_quant_params",)  # the static range of the probabilities must leave the column out
 
     def __init__(self, include_joint: bool = False, text_input: str = "encoder_hidden_states"):
         self.include_joint, self.text_input = include_joint, text_input

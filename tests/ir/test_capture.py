@@ -60,3 +60,21 @@ class _Gate(torch.nn.Module):
 def test_uncapturable_model_names_the_module():
     with pytest.raises(CaptureError, match=r"inside module 'gate'.*Try:"):
         capture(_DataDependent(), (torch.randn(2, 3),), timestep_arg=None)
+
+
+def test_calibrated_at_batch_1_runs_at_any_batch(tmp_path):
+    """torch.export specialises a batch of 1; lowbit captures at 2 so the batch stays dynamic,
+    before and after save/load."""
+    import lowbit
+    from tests.conftest import calibration_set
+
+    model = build("pixart")
+    one = [((), {k: v[:1] if isinstance(v, torch.Tensor) and v.dim() else v for k, v in kw.items()})
+           for _, kw in calibration_set("pixart")]
+    qmodel = lowbit.quantize(model, "minmax-w8a8", one, progress=False)
+    lowbit.save(qmodel, tmp_path / "q")
+    loaded = lowbit.load(tmp_path / "q", model)
+    for batch in (1, 2, 5):
+        kw = calibration_set("pixart", batch=batch)[0][1]
+        out = qmodel(**kw)[0]
+        assert out.shape[0] == batch and torch.equal(out, loaded(**kw)[0])

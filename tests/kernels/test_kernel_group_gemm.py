@@ -10,10 +10,12 @@ float32 matmul rounding bounds the difference, as in test_kernel_int8_gemm.
 import pytest
 import torch
 
-from lowbit.ir.ops import quantized_linear
+from lowbit.ir.schema import QuantizedLinear
 from lowbit.kernels.group_gemm import group_gemm, group_gemm_reference, prepare_grouped_weight, quantize_grouped
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.quantize_activation import quantize_static, quantize_static_reference
+
+quantized_linear = QuantizedLinear.overload()
 
 M, K, N, G = 37, 70, 45, 4
 

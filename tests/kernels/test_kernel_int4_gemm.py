@@ -9,11 +9,13 @@ rounding bound against lowbit's op.
 import pytest
 import torch
 
-from lowbit.ir.ops import quantized_linear
+from lowbit.ir.schema import QuantizedLinear
 from lowbit.kernels.common import gemm_reference
 from lowbit.kernels.int4_gemm import int4_gemm, pack_int4, prepare_int4_weight, unpack_int4
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.quantize_activation import quantize_per_token, quantize_static
+
+quantized_linear = QuantizedLinear.overload()
 
 M, N = 37, 45
 

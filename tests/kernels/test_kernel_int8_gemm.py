@@ -11,11 +11,13 @@ error: at most K float32 roundings of the sum of |terms| (``_fp32_matmul_bound``
 import pytest
 import torch
 
-from lowbit.ir.ops import quantized_linear
+from lowbit.ir.schema import QuantizedLinear
 from lowbit.kernels.common import gemm_reference
 from lowbit.kernels.int4_gemm import prepare_int4_weight
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.quantize_activation import quantize_per_token, quantize_static
+
+quantized_linear = QuantizedLinear.overload()
 
 M, K, N = 37, 70, 45  # ragged against every block size
 

@@ -12,8 +12,10 @@ kernel's fault, on the interpreter and on CUDA's approximate exp alike. bfloat16
 import pytest
 import torch
 
-from lowbit.ir.ops import quantized_attention
+from lowbit.ir.schema import QuantizedAttention
 from lowbit.kernels.log2_attention import log2_attention, log2_attention_reference
+
+quantized_attention = QuantizedAttention.overload()
 
 B, H, NQ, NKV, D = 2, 2, 37, 45, 24  # cross-attention, ragged against the blocks, D not a power of two
 

@@ -7,6 +7,7 @@ import torch
 
 import lowbit
 from lowbit.ir.ops import linear_reference
+from lowbit.ir.schema import QuantizedLinear, schema_class
 from lowbit.lowering.backend import BackendOptions, compile_reports
 from lowbit.lowering.cpu import group_linear, int8_linear
 from lowbit.models.reference import load_reference_model
@@ -60,23 +61,25 @@ def test_backend_options_are_checked():
 
 
 def _reference_calibration(model, prompts=2, steps=3):
-    from lowbit.evaluate import calibrate_reference
+    from lowbit.evaluation.run import calibrate_reference
 
     return calibrate_reference(model, prompts=prompts, steps=steps, progress=False)
 
 
-# A quantized network is discontinuous: inductor's fused float arithmetic may put x / s on the
-# other side of a rounding boundary than the eager reference, one integer step for a few
-# values, and that propagates. So the compiled module is held to a fraction of the quantization
-# error itself: its distance to the reference must be under a tenth of the eager quantized
-# module's distance to full precision (measured: 0.1% to 4% of it). DGQ's log2 attention
-# quantizer (factor-2 steps) makes the reference model sensitive even to how inductor computes
-# the layers lowbit leaves alone (layer norms, GELU: 0.036 relative with every lowbit op left
-# opaque, 0.0 under aot_eager), so there the reference is the same quantized module compiled by
-# plain inductor, and the bound is half the quantization error (measured: 0.24 of it); the
-# group GEMM itself is checked exactly above.
-_FRACTION_OF_QUANTIZATION_ERROR = 0.1
-_FRACTION_FOR_LOG2_ATTENTION = 0.5
+# A quantized network is discontinuous: the int8 GEMM's epilogue rounds differently from the
+# float reference (about 1e-7 relative per layer; the integer sums are exact), and a later
+# quantizer may then put a value on the other side of a rounding boundary, one integer step for a
+# few values, which propagates. So the compiled module is held to a fraction of the quantization
+# error itself: half the eager quantized module's distance to full precision. Measured on the
+# reference model at W8A8: 0.001-0.04 of it on the Intel host with AVX-512 VNNI, 0.18 on an AMD
+# EPYC host without AVX-512 (2026-12-04), where the float reference's matmul kernels round
+# differently; the same translated graph run eagerly is 1e-7 from the compiled one there, so the
+# difference is the int8 arithmetic, not inductor. DGQ's log2 attention quantizer (factor-2 steps)
+# makes the reference model sensitive even to how inductor computes the layers lowbit leaves
+# alone (layer norms, GELU: 0.036 relative with every lowbit op left opaque, 0.0 under
+# aot_eager), so there the reference is the same quantized module compiled by plain inductor
+# (measured: 0.24 of the quantization error); the group GEMM itself is checked exactly above.
+_FRACTION_OF_QUANTIZATION_ERROR = 0.5
 
 
 @pytest.mark.parametrize("recipe", ["minmax-w8a8", "dgq-w8a8"])
@@ -91,9 +94,8 @@ def test_compiled_reference_model_matches_eager_quantized(recipe):
         report = compile_reports()[-1].translation
         eager, fp = qmodel(*args, **kwargs)[0], model(*args, **kwargs)[0]
         reference = eager if recipe.startswith("minmax") else torch.compile(qmodel)(*args, **kwargs)[0]
-    bound = _FRACTION_OF_QUANTIZATION_ERROR if recipe.startswith("minmax") else _FRACTION_FOR_LOG2_ATTENTION
-    assert _relative(out, reference) < bound * _relative(eager, fp)
-    linears = sum(1 for n in qmodel.graph_module.graph.nodes if n.target is torch.ops.lowbit.quantized_linear.default)
+    assert _relative(out, reference) < _FRACTION_OF_QUANTIZATION_ERROR * _relative(eager, fp)
+    linears = sum(1 for n in qmodel.graph_module.graph.nodes if schema_class(n) is QuantizedLinear)
     assert report.lowered["quantized_linear"] == linears and not report.fallbacks
 
 

@@ -1,4 +1,4 @@
-from lowbit.models.representativeness import markdown, measure
+from lowbit.evaluation.representativeness import markdown, measure
 
 
 def test_measure_finds_minilm_outlier_channels_and_start_token_stats():

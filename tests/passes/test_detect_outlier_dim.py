@@ -7,6 +7,8 @@ from torch import nn
 
 from lowbit.ir.annotations import OUTLIER_KEY, LAYER_KEY, QuantSpec
 from lowbit.ir.capture import capture
+from lowbit.ir.observers import observing
+from lowbit.ir.precision import Precision
 from lowbit.ir.statistics import RangeStatistics, spread
 from lowbit.passes.annotate_quantization import AnnotateQuantization
 from lowbit.passes.base import PassContext
@@ -36,11 +38,11 @@ def _detect(x_plant, image_plant):
     x, image = torch.randn(2, 10, 16) * 0.1, torch.randn(2, 4, 6, 6) * 0.1
     x_plant(x), image_plant(image)
     calib = {"x": x, "image": image, "timestep": torch.full((2,), 10.0)}
-    ctx = PassContext()
-    w8, a8 = QuantSpec(8, granularity="channel", axis=0, symmetric=True), QuantSpec(8, mode="per_timestep")
-    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(w8, a8, a8, keep_io_layers=False), InsertObservers()]).run(
+    ctx = PassContext(precision=Precision(8, 8, keep_io_layers=False))
+    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(), InsertObservers()]).run(
         capture(model, (), calib), ctx)
-    gm(**calib)
+    with observing(gm, ctx.observations):
+        gm(**calib)
     gm = Pipeline([DetectOutlierDim()]).run(gm, ctx)
     return {n.meta[LAYER_KEY].path: n.meta[OUTLIER_KEY]["input"] for n in gm.graph.nodes if OUTLIER_KEY in n.meta}
 
@@ -99,11 +101,11 @@ def test_text_token_axes_are_marked(tiny):
     """Cross-attention keys/values and the linears that project the text have text-position tokens."""
     model, _ = tiny
     calib = tiny_inputs()
-    ctx = PassContext()
-    w8, a8 = QuantSpec(8, granularity="channel", axis=0, symmetric=True), QuantSpec(8, mode="per_timestep")
-    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(w8, a8, a8, keep_io_layers=False), InsertObservers()]).run(
+    ctx = PassContext(precision=Precision(8, 8, keep_io_layers=False))
+    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(), InsertObservers()]).run(
         capture(model, (), calib), ctx)
-    gm(**calib)
+    with observing(gm, ctx.observations):
+        gm(**calib)
     gm = Pipeline([DetectOutlierDim(text_input="text")]).run(gm, ctx)
     found = {n.meta[LAYER_KEY].path: n.meta[OUTLIER_KEY] for n in gm.graph.nodes if OUTLIER_KEY in n.meta}
     text = {f"{path}:{operand}" for path, per_op in found.items() for operand, d in per_op.items() if d.text_tokens}

@@ -7,6 +7,8 @@ from torch.utils._pytree import tree_map
 import lowbit
 from lowbit.ir.annotations import QUANT_KEY, LAYER_KEY, QuantSpec
 from lowbit.ir.capture import capture
+from lowbit.ir.observers import observing
+from lowbit.ir.precision import Precision
 from lowbit.models.tiny import build
 from lowbit.passes.annotate_quantization import AnnotateQuantization
 from lowbit.passes.base import PassContext
@@ -18,6 +20,10 @@ from lowbit.passes.insert_observers import InsertObservers
 from lowbit.passes.pipeline import Pipeline
 from lowbit.recipes import Recipe
 from tests.passes.conftest import tiny_inputs
+
+
+def _grouped(name: str, w: float, a: float, groups: int, **settings) -> Recipe:
+    return Recipe.build(name, w, a).with_pass("detect_outlier_dim").with_pass("group_activations", groups=groups, **settings)
 
 
 def test_kmeans_separates_planted_ranges():
@@ -47,8 +53,8 @@ def _cfg_batch(sample):
 
 def test_one_group_is_exactly_the_baseline(calib):
     model, samples = build("sd-unet"), calib("sd-unet")
-    base = lowbit.quantize(model, Recipe("base", 8, 6), samples, progress=False)
-    one = lowbit.quantize(model, Recipe("k1", 8, 6, groups=1), samples, progress=False)
+    base = lowbit.quantize(model, Recipe.build("base", 8, 6), samples, progress=False)
+    one = lowbit.quantize(model, _grouped("k1", 8, 6, 1), samples, progress=False)
     test = _cfg_batch(samples[2][1])
     assert torch.equal(one(**test)[0], base(**test)[0])
     node = next(n for n in one.graph_module.graph.nodes if QUANT_KEY in n.meta and n.meta[LAYER_KEY].path == "down_blocks.0.resnets.0.conv2")
@@ -61,7 +67,7 @@ def test_groups_reduce_error_and_follow_the_timestep(calib, tmp_path):
     ref = model(**test, return_dict=False)[0]
     errors = {}
     for k in (1, 4, 16):
-        q = lowbit.quantize(model, Recipe(f"g{k}", 8, 6, groups=k), samples, progress=False)
+        q = lowbit.quantize(model, _grouped(f"g{k}", 8, 6, k), samples, progress=False)
         errors[k] = ((q(**test)[0] - ref).norm() / ref.norm()).item()
     # more groups, less error (measured 0.090 -> 0.062 -> 0.055 on this model)
     assert errors[16] < errors[4] < errors[1]
@@ -77,11 +83,11 @@ def test_groups_reduce_error_and_follow_the_timestep(calib, tmp_path):
 
 def _group_axes(model, calib, **settings):
     """Grouping axis of every grouped operand, with a K = 4 pipeline run directly (text input `text`)."""
-    ctx = PassContext()
-    w8, a8 = QuantSpec(8, granularity="channel", axis=0, symmetric=True), QuantSpec(8, mode="per_timestep")
-    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(w8, a8, a8, keep_io_layers=False), InsertObservers()]).run(
+    ctx = PassContext(precision=Precision(8, 8, keep_io_layers=False))
+    gm = Pipeline([CanonicalizeAttention(), AnnotateQuantization(), InsertObservers()]).run(
         capture(model, (), calib), ctx)
-    gm(**calib)
+    with observing(gm, ctx.observations):
+        gm(**calib)
     gm = Pipeline([ChooseQuantParams(), DetectOutlierDim(text_input="text"), GroupActivations(4, **settings)]).run(gm, ctx)
     return {t: ("channel" if p.spec.axis == -1 else "token") for t, p in ctx.params.items() if p.spec.granularity == "group"}
 
@@ -104,7 +110,7 @@ def test_groups_never_clip_their_own_calibration_data(calib):
     neighbour's parameters measured 0.17-0.23). Token groups on every operand (text positions
     included) make the check cover both axes."""
     model, samples = build("pixart"), calib("pixart")
-    q = lowbit.quantize(model, Recipe("g16", 16, 16, groups=16, group_text_tokens=True), samples, progress=False)
+    q = lowbit.quantize(model, _grouped("g16", 16, 16, 16, group_text_tokens=True), samples, progress=False)
     axes = {p.spec.axis for p in q.params.values() if p.spec.granularity == "group"}
     assert axes == {-1, 1}  # both channel and token groups are exercised
     for args, kwargs in samples:

@@ -6,9 +6,12 @@ import torch
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, CREATED_BY_KEY
 from lowbit.ir.verify import IRError
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
+from lowbit.passes.annotate_quantization import AnnotateQuantization
 from lowbit.passes.canonicalize_attention import CanonicalizeAttention
+from lowbit.passes.choose_quant_params import ChooseQuantParams
 from lowbit.passes.insert_observers import InsertObservers
 from lowbit.passes.pipeline import HISTORY_KEY, Pipeline
+from lowbit.passes.split_start_token import SplitStartToken
 
 
 class _Corrupt(Pass):
@@ -49,8 +52,34 @@ def test_verifier_names_node_layer_and_pass(tiny):
 
 def test_modified_must_be_truthful(tiny):
     _, gm = tiny
-    with pytest.raises(PassError, match="changed the graph but reported modified=False"):
+    with pytest.raises(PassError, match="changed the graph or the context but reported modified=False"):
         Pipeline([_Liar()]).run(gm, PassContext())
+
+
+class _Boaster(Pass):
+    """Says it changed the graph but did nothing."""
+
+    name = "boaster"
+
+    def run(self, gm, ctx):
+        return PassResult(gm, modified=True)
+
+
+def test_modified_must_be_truthful_both_ways(tiny):
+    _, gm = tiny
+    with pytest.raises(PassError, match="pass 'boaster' reported modified=True but changed neither the graph nor the context"):
+        Pipeline([_Boaster()]).run(gm, PassContext())
+
+
+def test_must_run_before_names_both_passes(tiny):
+    _, gm = tiny
+    order = [CanonicalizeAttention(), AnnotateQuantization(), InsertObservers(), ChooseQuantParams(), SplitStartToken()]
+    with pytest.raises(PassError, match=r"pass 'split_start_token' must run before \['choose_quant_params'\], but it comes earlier"):
+        Pipeline(order).check_order([])
+    with pytest.raises(PassError, match=r"'split_start_token' must run before \['choose_quant_params'\], but it already ran"):
+        Pipeline([SplitStartToken()]).check_order(["canonicalize_attention", "annotate_quantization", "choose_quant_params"])
+    with pytest.raises(PassError, match=r"'insert_observers' \(observe phase\) cannot follow 'choose_quant_params' \(decide phase\)"):
+        Pipeline([ChooseQuantParams(), InsertObservers()]).check_order(["annotate_quantization", "insert_observers"])
 
 
 def test_records_and_history(tiny):

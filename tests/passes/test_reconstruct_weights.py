@@ -1,10 +1,13 @@
 """AdaRound with BRECQ block-wise reconstruction, on tiny configs (a few dozen iterations)."""
 
+import dataclasses
+
 import torch
 
 import lowbit
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.capture import capture, normalize_inputs
+from lowbit.ir.observers import observing
 from lowbit.models.tiny import build
 from lowbit.passes.base import PassContext
 from lowbit.passes.choose_quant_params import ChooseQuantParams
@@ -15,17 +18,18 @@ from lowbit.recipes import Recipe
 
 def _prepared(name, calib, recipe):
     model, samples = build(name), calib(name)
-    ctx = PassContext()
-    gm = Pipeline(recipe.prepare_passes()).run(capture(model, *samples[0]), ctx)
+    ctx = PassContext(precision=recipe.precision)
+    gm = Pipeline(recipe.phase_passes("rewrite", "observe")).run(capture(model, *samples[0]), ctx)
     for args, kwargs in samples:
         inputs = normalize_inputs(model, args, kwargs, "timestep")
-        gm(**inputs)
+        with observing(gm, ctx.observations):
+            gm(**inputs)
         ctx.samples.append(inputs)
     return model, samples, gm, ctx
 
 
 def test_units_are_the_blocks_and_cover_every_quantized_layer_once(calib):
-    _, _, gm, _ = _prepared("sd-unet", calib, Recipe("w4", 4, 8))
+    _, _, gm, _ = _prepared("sd-unet", calib, Recipe.build("w4", 4, 8))
     units = reconstruction_units(gm)
     layers = [n.meta[LAYER_KEY].path for u in units for n in u.layers]
     quantized = [n.meta[LAYER_KEY].path for n in gm.graph.nodes
@@ -37,7 +41,7 @@ def test_units_are_the_blocks_and_cover_every_quantized_layer_once(calib):
 
 
 def test_learned_rounding_lowers_every_block_error_and_stays_floor_or_ceil(calib):
-    _, _, gm, ctx = _prepared("pixart", calib, Recipe("w4", 4, 8))
+    _, _, gm, ctx = _prepared("pixart", calib, Recipe.build("w4", 4, 8))
     gm = Pipeline([ChooseQuantParams("mse")]).run(gm, ctx)
     nearest = {t: p for t, p in ctx.params.items() if p.qvalues is not None}
     reconstruct = ReconstructWeights(iterations=40)
@@ -54,10 +58,11 @@ def test_learned_rounding_lowers_every_block_error_and_stays_floor_or_ceil(calib
 
 def test_adaround_recipe_quantizes_saves_and_loads(calib, tmp_path):
     model, samples = build("pixart"), calib("pixart")
-    recipe = Recipe("ar", 4, 16, weight_range="adaround", reconstruction_iterations=40, reconstruction_samples=2)
+    mse = Recipe.build("mse", 4, 16).with_pass("choose_quant_params", weight_range="mse")
+    recipe = dataclasses.replace(mse.with_pass("reconstruct_weights", iterations=40, samples=2), name="ar")
     assert Recipe.from_toml(recipe.to_toml()) == recipe
     errors = {}
-    for r in (Recipe("mse", 4, 16, weight_range="mse"), recipe):
+    for r in (mse, recipe):
         q = lowbit.quantize(model, r, samples, progress=False)
         ref = model(**samples[1][1], return_dict=False)[0]
         errors[r.name] = ((q(**samples[1][1])[0] - ref).norm() / ref.norm()).item()

@@ -24,6 +24,7 @@ import torch
 import torch.fx
 from onnx import TensorProto
 
+from lowbit.ir.schema import schema_of
 from lowbit.lowering.onnx_qnn.aten_ops import ATEN_TRANSLATIONS, MAX_RANK, bind
 from lowbit.lowering.onnx_qnn.errors import LoweringError
 from lowbit.lowering.onnx_qnn.lowbit_ops import LOWBIT_TRANSLATIONS
@@ -97,7 +98,7 @@ def _translate(em: Emitter, node: torch.fx.Node):
                             "to lowbit/lowering/onnx_qnn/aten_ops.py")
     with em.graph.origin(node.name, str(node.target), layer_of(node)):
         try:
-            return fn(em, node, bind(node))
+            return fn(em, node, schema_of(node) or bind(node))
         except NotImplementedError as err:
             raise LoweringError(node.name, str(node.target), layer_of(node), str(err),
                                 "This form of the op has no QNN translation yet") from err

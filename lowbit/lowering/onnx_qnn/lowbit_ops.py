@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import torch
 
-from lowbit.ir import ops  # noqa: F401  (registers torch.ops.lowbit)
 from lowbit.ir.annotations import QUANT_KEY
+from lowbit.ir.schema import FakeQuant, Log2FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear
 from lowbit.lowering.onnx_qnn import layers, quantizers
 from lowbit.lowering.onnx_qnn.specialize import layer_of
 
 __all__ = ["LOWBIT_TRANSLATIONS"]
 
-lowbit = torch.ops.lowbit
 # Masked scores end at least this far below the row: their softmax weight is below exp(-100 + spread of
 # the raw scores), 1e-30 for scores within 30 of each other — zero in float32, as SDPA's -inf gives.
 MASK_FLOOR = 100.0
@@ -37,52 +36,52 @@ def _quantize(em, x: str, shape, scale, zero_point, qmin: int, qmax: int, label:
     return quantizers.grouped(em, x, tuple(shape), scale, zero_point, qmin, qmax, label)
 
 
-def _fake_quant(em, node, a):
-    return _quantize(em, em.tensor(a["x"]), em.value(a["x"]).shape, a["scale"], a["zero_point"],
-                     a["qmin"], a["qmax"], f"{layer_of(node)}:{node.name}")
+def _fake_quant(em, node, op):
+    return _quantize(em, em.tensor(op.x), em.value(op.x).shape, op.scale, op.zero_point,
+                     op.qmin, op.qmax, f"{layer_of(node)}:{node.name}")
 
 
-def _log2_fake_quant(em, node, a):
-    scale = float(em.value(a["scale"]).reshape(-1)[0])
-    return quantizers.log2(em, em.tensor(a["x"]), em.tensor(scale), int(a["levels"]), clip_above_scale=True,
+def _log2_fake_quant(em, node, op):
+    scale = float(em.value(op.scale).reshape(-1)[0])
+    return quantizers.log2(em, em.tensor(op.x), em.tensor(scale), int(op.levels), clip_above_scale=True,
                            label=f"{layer_of(node)}:{node.name}")
 
 
-def _weight(em, node, a, shape: tuple[int, ...] | None = None) -> str:
+def _weight(em, node, op, shape: tuple[int, ...] | None = None) -> str:
     spec = node.meta[QUANT_KEY].weight if QUANT_KEY in node.meta else None
-    qvalues = em.value(a["weight"])
+    qvalues = em.value(op.weight)
     bits = spec.bits if spec is not None else (8 if qvalues.dtype == torch.int8 else 16)
-    return layers.integer_weight(em, qvalues if shape is None else qvalues.reshape(shape), em.value(a["weight_scale"]),
-                                 bits, em.hint(a["weight"]))
+    return layers.integer_weight(em, qvalues if shape is None else qvalues.reshape(shape), em.value(op.weight_scale),
+                                 bits, em.hint(op.weight))
 
 
-def _quantized_linear(em, node, a):
-    x = em.tensor(a["x"])
-    if a["input_scale"] is not None:
-        x = _quantize(em, x, em.value(a["x"]).shape, a["input_scale"], a["input_zero_point"], a["input_qmin"],
-                      a["input_qmax"], f"{layer_of(node)}:input")
-    return layers.gemm(em, x, tuple(em.value(a["x"]).shape), _weight(em, node, a), em.value(a["weight"]).shape[0],
-                       em.value(a["bias"]), em.hint(a["weight"]))
+def _quantized_linear(em, node, op):
+    x = em.tensor(op.x)
+    if op.input_scale is not None:
+        x = _quantize(em, x, em.value(op.x).shape, op.input_scale, op.input_zero_point, op.input_qmin,
+                      op.input_qmax, f"{layer_of(node)}:input")
+    return layers.gemm(em, x, tuple(em.value(op.x).shape), _weight(em, node, op), em.value(op.weight).shape[0],
+                       em.value(op.bias), em.hint(op.weight))
 
 
-def _quantized_conv2d(em, node, a):
-    x = em.tensor(a["x"])
-    if a["input_scale"] is not None:
-        x = _quantize(em, x, em.value(a["x"]).shape, a["input_scale"], a["input_zero_point"], a["input_qmin"],
-                      a["input_qmax"], f"{layer_of(node)}:input")
-    return layers.conv(em, x, tuple(em.value(a["x"]).shape), lambda shape: _weight(em, node, a, shape),
-                       tuple(em.value(a["weight"]).shape), em.value(a["bias"]), a["stride"], a["padding"], a["dilation"],
-                       a["groups"], em.hint(a["weight"]))
+def _quantized_conv2d(em, node, op):
+    x = em.tensor(op.x)
+    if op.input_scale is not None:
+        x = _quantize(em, x, em.value(op.x).shape, op.input_scale, op.input_zero_point, op.input_qmin,
+                      op.input_qmax, f"{layer_of(node)}:input")
+    return layers.conv(em, x, tuple(em.value(op.x).shape), lambda shape: _weight(em, node, op, shape),
+                       tuple(em.value(op.weight).shape), em.value(op.bias), op.stride, op.padding, op.dilation,
+                       op.groups, em.hint(op.weight))
 
 
-def _quantized_attention(em, node, a):
-    q, k, v = em.tensor(a["q"]), em.tensor(a["k"]), em.tensor(a["v"])
-    rank = em.value(a["k"]).dim()
+def _quantized_attention(em, node, op):
+    q, k, v = em.tensor(op.q), em.tensor(op.k), em.tensor(op.v)
+    rank = em.value(op.k).dim()
     perm = list(range(rank))
     perm[-2], perm[-1] = perm[-1], perm[-2]
     scores = em.graph.node("MatMul", [q, em.graph.node("Transpose", [k], perm=perm)])
-    scores = em.graph.node("Mul", [scores, em.tensor(float(a["scale"]))])
-    mask = a["attn_mask"]
+    scores = em.graph.node("Mul", [scores, em.tensor(float(op.scale))])
+    mask = op.attn_mask
     if mask is not None:
         values = em.value(mask)
         if values.dtype == torch.bool:
@@ -97,16 +96,17 @@ def _quantized_attention(em, node, a):
                 else em.tensor(values.clamp_min(-MASK_FLOOR))
             scores = em.graph.node("Add", [scores, bias])
     probs = quantizers.attention_probs(
-        em, scores, em.value(a["k"]).shape[-2], em.value(a["probs_scale"]) if a["probs_scale"] is not None else None,
-        em.value(a["probs_zero_point"]) if a["probs_zero_point"] is not None else None,
-        a["probs_scheme"], a["probs_qmin"], a["probs_qmax"], a["start_token"], a["dynamic_scale"], f"{layer_of(node)}:probs")
+        em, scores, em.value(op.k).shape[-2], em.value(op.probs_scale) if op.probs_scale is not None else None,
+        em.value(op.probs_zero_point) if op.probs_zero_point is not None else None,
+        op.probs_scheme, op.probs_qmin, op.probs_qmax, op.start_token, op.dynamic_scale, f"{layer_of(node)}:probs")
     return em.graph.node("MatMul", [probs, v])
 
 
+# each translation receives the node's op schema (lowbit.ir.schema) and reads its fields by name
 LOWBIT_TRANSLATIONS = {
-    lowbit.fake_quant.default: _fake_quant,
-    lowbit.log2_fake_quant.default: _log2_fake_quant,
-    lowbit.quantized_linear.default: _quantized_linear,
-    lowbit.quantized_conv2d.default: _quantized_conv2d,
-    lowbit.quantized_attention.default: _quantized_attention,
+    FakeQuant.overload(): _fake_quant,
+    Log2FakeQuant.overload(): _log2_fake_quant,
+    QuantizedLinear.overload(): _quantized_linear,
+    QuantizedConv2d.overload(): _quantized_conv2d,
+    QuantizedAttention.overload(): _quantized_attention,
 }

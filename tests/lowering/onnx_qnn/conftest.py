@@ -5,9 +5,9 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.evaluate import calibrate_reference
+from lowbit.evaluation.run import calibrate_reference
 from lowbit.models.reference import load_reference_model
-from lowbit.recipes import Recipe, dgq
+from lowbit.recipes import Recipe, get_recipe
 
 
 @pytest.fixture(scope="session")
@@ -23,9 +23,9 @@ def reference_calibration(reference):
 
 
 EXTRA_RECIPES = {
-    "dgq-w8a16": dgq(8, 16, name="dgq-w8a16"),
+    "dgq-w8a16": get_recipe("dgq-w8a16"),
     # uniform attention probabilities on a run-time grid [0, max], start-token column apart
-    "uniform-dynamic-w8a8": Recipe("uniform-dynamic-w8a8", 8, 8, start_token=True, dynamic_attention_scale=True),
+    "uniform-dynamic-w8a8": Recipe.build("uniform-dynamic-w8a8", 8, 8, dynamic_attention_scale=True).with_pass("split_start_token"),
 }
 
 

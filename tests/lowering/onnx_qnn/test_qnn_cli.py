@@ -6,9 +6,11 @@ import json
 from lowbit.cli import main
 
 
-def test_export_then_verify(tmp_path, capsys):
+def test_export_then_verify(tmp_path, capsys, mixed_recipe):
+    """A TOML recipe (pass list, per-layer tables: W4A8, one MLP at W8A8, proj_out in float) all the way
+    to the HTP; verify-qnn reloads the saved quantized model to compare against."""
     out = tmp_path / "qnn"
-    assert main(["export", "--target", "qnn-htp", "--model", "pixart", "--recipe", "minmax-w8a8",
+    assert main(["export", "--target", "qnn-htp", "--model", "pixart", "--recipe", str(mixed_recipe),
                  "--steps", "2", "--prompts", "1", "--out", str(out)]) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["model"] == "pixart" and len(manifest["graphs"]) == 2 and manifest["batch"] == 2

@@ -5,7 +5,7 @@ set; the 25-step run in the README is the same command with 50 images."""
 import pytest
 
 from lowbit.cli import main
-from lowbit.qnn_eval import QnnEvalRow, margins
+from lowbit.evaluation.qnn import QnnEvalRow, margins
 
 
 def _row(name, fid, seen, heldout, conditioning=1.0):
@@ -29,7 +29,14 @@ def test_eval_qnn_samples_through_the_htp_graphs(tmp_path, capsys):
     code = main(["eval-qnn", "--samples", "4", "--steps", "3", "--calibration-prompts", "2", "--batch", "4",
                  "--reseeds", "2", "--out", str(out)])
     printed = capsys.readouterr().out
-    assert code in (0, 1) and (code == 0) == ("| no |" not in printed)  # the exit code says whether every margin held
+    # The HTP graphs draw the eager model's images (PSNR below), so every margin holds and the command
+    # exits 0 (1 would mean the HTP moved a metric beyond sampling noise). Measured: FID 1823 (eager)
+    # against 1803 (HTP), margin 118 (2 SD of the eager FIDs over seeds 0-2); alignment 1.0 against
+    # 1.0 on both prompt sets (margin 0 when both are 1.0; one HTP miss in 4 would still be within it).
+    verdicts = {cells[1].strip(): cells[5].strip() for cells in (line.split("|") for line in printed.splitlines())
+                if len(cells) == 7 and cells[1].strip() in ("FID", "alignment, seen phrasings", "alignment, held-out phrasings")}
+    assert verdicts == {"FID": "yes", "alignment, seen phrasings": "yes", "alignment, held-out phrasings": "yes"}, printed
+    assert code == 0
     assert (out / "samples.png").is_file() and len(list((out / "graphs").glob("*.onnx"))) == 3
     rows = [line.split("|") for line in printed.splitlines() if line.startswith("| minmax-w8a8")]
     assert [r[1].strip() for r in rows] == ["minmax-w8a8 (eager)", "minmax-w8a8 (QNN HTP)", "minmax-w8a8 (eager, seed 1)",

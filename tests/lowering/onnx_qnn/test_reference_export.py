@@ -45,7 +45,7 @@ def test_reference_recipe_runs_on_the_htp_like_eager(tmp_path, name, quantized, 
     assert report.relative_error <= HTP_NOISE * quantization_error, (report.relative_error, quantization_error)
 
     # lowbit's quantizers keep their own widths, and 4-bit weights go in as ONNX INT4
-    bits = qmodel.recipe.activation_bits
+    bits = qmodel.recipe.precision.activation_bits
     zero_points = {i.name: i for i in model.graph.initializer}
     lowbit_q = [n for n in model.graph.node if n.op_type == "QuantizeLinear" and n.input[2] in zero_points
                 and any(p.key == QUANTIZER_KEY for p in n.metadata_props) and "log2" not in n.output[0]]
@@ -53,7 +53,7 @@ def test_reference_recipe_runs_on_the_htp_like_eager(tmp_path, name, quantized, 
     want = TensorProto.UINT8 if bits <= 8 else TensorProto.UINT16
     assert {zero_points[n.input[2]].data_type for n in lowbit_q} == {want}
     int4 = [i for i in model.graph.initializer if i.data_type == TensorProto.INT4]
-    assert (len(int4) > 0) == (qmodel.recipe.weight_bits <= 4)
+    assert (len(int4) > 0) == (qmodel.recipe.precision.weight_bits <= 4)
 
 
 def test_other_socs_are_targets_and_an_older_htp_names_what_it_cannot_take(tmp_path, quantized, reference_calibration):

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import lowbit
-from lowbit.evaluate import calibrate_reference
+from lowbit.evaluation.run import calibrate_reference
 from lowbit.lowering.onnx_qnn import HTPDenoiser, compile_context, export_schedule
 
 from tests.lowering.onnx_qnn.conftest import fp_output

@@ -19,15 +19,15 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from lowbit.accounting import cost
-from lowbit.calibration import record_inputs
+from lowbit.reports.accounting import cost
+from lowbit.core.calibration import record_inputs
 from lowbit.evaluation.grid import save_grid
 from lowbit.evaluation.harness import Sampler, evaluate, prompt_set
 from lowbit.evaluation.metrics import psnr
 from lowbit.models import text_encoder
 from lowbit.models.reference import load_reference_model, make_sampler, sample
 from lowbit.models.stress import load_stressed_reference_model
-from lowbit.quantize import quantize
+from lowbit.core.quantize import quantize
 from lowbit.recipes import Recipe, get_recipe
 
 __all__ = ["EVAL_MODELS", "EvalRow", "ReferenceCalibration", "calibrate_reference", "run_eval", "write_results"]
@@ -112,7 +112,7 @@ def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps:
         yield "full precision", 32, 32, make_sampler(model, steps=steps), model
         for recipe in recipes:
             qmodel = quantize(model, recipe, calibration, progress=progress)
-            yield recipe.name, recipe.weight_bits, recipe.activation_bits, make_sampler(qmodel, steps=steps), qmodel
+            yield recipe.name, recipe.precision.weight_bits, recipe.precision.activation_bits, make_sampler(qmodel, steps=steps), qmodel
         yield from ((name, math.nan, math.nan, sampler, None) for name, sampler in (extra_samplers or {}).items())
 
     rows, grid, fp_images = [], {}, None

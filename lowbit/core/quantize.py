@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from typing import Iterable, Iterator, Sized
 
 import numpy as np
@@ -10,9 +11,9 @@ import torch
 from tqdm.auto import tqdm
 
 from lowbit.ir.capture import SIGNATURE_KEY, capture, normalize_inputs
-from lowbit.passes.base import PassContext
-from lowbit.passes.pipeline import Pipeline
-from lowbit.quantized_model import QuantizedModel
+from lowbit.ir.observers import observing
+from lowbit.passes import PassContext, Pipeline
+from lowbit.core.quantized_model import QuantizedModel
 from lowbit.recipes import Recipe, get_recipe
 
 __all__ = ["quantize"]
@@ -30,35 +31,37 @@ def _samples(calibration: Iterable) -> Iterator[tuple[tuple, dict]]:
         raise ValueError("calibration is empty: pass at least one (args, kwargs) pair (see lowbit.record_denoiser_inputs)")
 
 
-def quantize(model: torch.nn.Module, recipe: str | Recipe, calibration: Iterable, *,
+def quantize(model: torch.nn.Module, recipe: str | os.PathLike | Recipe, calibration: Iterable, *,
              timestep_arg: str | None = "timestep", progress: bool = True) -> QuantizedModel:
     """A quantized copy of ``model``; the original module is left untouched.
 
     ``calibration`` is an iterable of ``(args, kwargs)`` for ``model.forward`` — for a diffusion
     denoiser, the inputs over N prompts × T steps, e.g. :class:`lowbit.DenoiserInputStream`.
     It is read once, one sample at a time, so a stream or generator keeps memory constant.
-    ``timestep_arg`` names the forward argument that carries the diffusion timestep.
+    ``timestep_arg`` names the forward argument that carries the diffusion timestep. ``recipe`` is
+    a built-in name, the path of a TOML recipe file, or a :class:`Recipe`.
     """
     recipe = get_recipe(recipe)
     samples = _samples(calibration)
     first = next(samples)
     gm = capture(model, *first, timestep_arg=timestep_arg)
-    ctx = PassContext(timestep_arg=timestep_arg)
-    prepare = Pipeline(recipe.prepare_passes())
+    ctx = PassContext(precision=recipe.precision, timestep_arg=timestep_arg)
+    prepare = Pipeline(recipe.phase_passes("rewrite", "observe"))
+    decide = Pipeline(recipe.phase_passes("decide", "convert"))
+    kept_samples = max((p.kept_samples for p in decide.passes), default=0)
     gm = prepare.run(gm, ctx)
     signature = gm.meta[SIGNATURE_KEY]
-    keep = np.random.default_rng(0)  # a uniform, reproducible reservoir of samples for the convert passes
-    with torch.no_grad():
+    keep = np.random.default_rng(0)  # a uniform, reproducible reservoir of samples for the decide passes
+    with torch.no_grad(), observing(gm, ctx.observations):
         calibrating = tqdm(itertools.chain([first], samples), desc=f"calibrating {recipe.name}", disable=not progress, leave=False,
                            total=len(calibration) if isinstance(calibration, Sized) else None)
         for i, (args, kwargs) in enumerate(calibrating):
             inputs = normalize_inputs(model, args, kwargs, timestep_arg)
             signature.check(inputs, f"calibration sample {i}")
             gm(**inputs)
-            if i < recipe.kept_samples:
+            if i < kept_samples:
                 ctx.samples.append(inputs)
-            elif recipe.kept_samples and (slot := keep.integers(i + 1)) < recipe.kept_samples:
+            elif kept_samples and (slot := keep.integers(i + 1)) < kept_samples:
                 ctx.samples[slot] = inputs
-    convert = Pipeline(recipe.convert_passes())
-    gm = convert.run(gm, ctx)
-    return QuantizedModel(gm, model, recipe, ctx.params, timestep_arg, prepare.records + convert.records)
+    gm = decide.run(gm, ctx)
+    return QuantizedModel(gm, model, recipe, ctx.params, ctx.artifacts, timestep_arg, prepare.records + decide.records)

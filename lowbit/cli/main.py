@@ -11,35 +11,26 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 import torch
 
-from lowbit.calibration import DenoiserInputStream
+from lowbit.core.calibration import DenoiserInputStream
 from lowbit.evaluation.grid import save_grid
-from lowbit.qnn_cli import add_commands as add_qnn_commands
-from lowbit.quantize import quantize
-from lowbit.recipes import Recipe, RecipeError, get_recipe, recipes
-from lowbit.report import format_table, layer_report, write_csv, write_json
-from lowbit.serialization import save
-from lowbit.staging import OutputExistsError, add_output_arguments, output_folder, staged_folder
+from lowbit.passes import PassError
+from lowbit.cli.qnn import add_commands as add_qnn_commands
+from lowbit.core.quantize import quantize
+from lowbit.recipes import RecipeError, get_recipe, recipes
+from lowbit.reports.layer_report import format_table, layer_report, write_csv, write_json
+from lowbit.core.serialization import save
+from lowbit.core.staging import OutputExistsError, add_output_arguments, output_folder, staged_folder
 
 __all__ = ["main"]
-
-
-def _recipe(value: str) -> Recipe:
-    path = Path(value)
-    if value.endswith(".toml"):
-        if not path.is_file():
-            raise RecipeError(f"recipe file {value} does not exist")
-        return Recipe.from_toml(path.read_text())
-    return get_recipe(value)
 
 
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.pipelines import pipeline_calls, tiny_pipeline
 
-    recipe = _recipe(args.recipe)
+    recipe = get_recipe(args.recipe)
     out = output_folder(args)
     pipe = tiny_pipeline(args.model)
     denoiser_attr = "transformer" if args.model == "pixart" else "unet"
@@ -52,10 +43,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         print("  pass", record.summary())
     rows = layer_report(qmodel, calib)
     print(format_table(rows))
-    samples = pipeline_calls(args.model, args.samples, args.steps, seed=1000)
-    fp_images = torch.cat([pipe(**call).images for call in samples])
+    # fresh, identically seeded calls (their generators are consumed by a run) for both models: same noise
+    fp_images = torch.cat([pipe(**call).images for call in pipeline_calls(args.model, args.samples, args.steps, seed=1000)])
     setattr(pipe, denoiser_attr, qmodel)
-    q_images = torch.cat([pipe(**call).images for call in samples])
+    q_images = torch.cat([pipe(**call).images for call in pipeline_calls(args.model, args.samples, args.steps, seed=1000)])
     rel = float((q_images - fp_images).norm() / fp_images.norm())
     print(f"lowbit: {args.samples} pipeline samples, relative L2 difference quantized vs full precision: {rel:.4f}")
 
@@ -69,10 +60,10 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from lowbit.evaluate import markdown, run_eval, write_results
+    from lowbit.evaluation.run import markdown, run_eval, write_results
 
     out = output_folder(args)
-    rows, grid = run_eval([_recipe(r) for r in args.recipe], args.samples, seed=args.seed,
+    rows, grid = run_eval([get_recipe(r) for r in args.recipe], args.samples, seed=args.seed,
                           steps=args.steps, calibration_prompts=args.calibration_prompts, model_name=args.model)
     print(markdown(rows))
     with staged_folder(out, overwrite=args.overwrite) as tmp:
@@ -82,8 +73,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from lowbit.evaluate import EVAL_MODELS
-    from lowbit.figures import make_figures
+    from lowbit.evaluation.run import EVAL_MODELS
+    from lowbit.evaluation.figures import make_figures
 
     out = output_folder(args)
     model = EVAL_MODELS[args.model]()
@@ -95,14 +86,18 @@ def _cmd_figures(args: argparse.Namespace) -> int:
 
 
 def _cmd_recipes(args: argparse.Namespace) -> int:
+    if args.show:
+        print(get_recipe(args.show).to_toml(), end="")
+        return 0
     for name in recipes():
         r = get_recipe(name)
-        print(f"{name:16s} W{r.weight_bits:g}A{r.activation_bits:g}  weights {r.weight_range}, activations {r.activation_mode}")
+        passes = " > ".join(s.name for s in r.passes)
+        print(f"{name:16s} W{r.precision.weight_bits:g}A{r.precision.activation_bits:g}  {passes}")
     return 0
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lowbit.evaluate import EVAL_MODELS
+    from lowbit.evaluation.run import EVAL_MODELS
     from lowbit.models.pipelines import PIPELINE_MODELS
 
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
@@ -134,7 +129,8 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--step", type=int, default=None, help="the step whose activation is pictured (default: the middle one)")
     add_output_arguments(f, "out/figures")
     f.set_defaults(func=_cmd_figures)
-    r = sub.add_parser("recipes", help="list the built-in recipes")
+    r = sub.add_parser("recipes", help="list the built-in recipes, or print one as TOML")
+    r.add_argument("--show", metavar="RECIPE", help="print this recipe (a name or a .toml file) with every pass it runs")
     r.set_defaults(func=_cmd_recipes)
     add_qnn_commands(sub)  # export --target qnn-htp, verify-qnn
     return parser
@@ -144,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (RecipeError, ValueError, OutputExistsError) as err:
+    except (RecipeError, PassError, ValueError, OutputExistsError) as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
 

@@ -14,6 +14,7 @@ import torch
 import torch.fx
 
 from lowbit.ir.capture import SIGNATURE_KEY, InputSignature, normalize_inputs
+from lowbit.ir.artifacts import Artifact
 from lowbit.ir.params import OperandParams
 from lowbit.recipes import Recipe
 
@@ -22,11 +23,12 @@ __all__ = ["QuantizedModel"]
 
 class QuantizedModel(torch.nn.Module):
     def __init__(self, graph_module: torch.fx.GraphModule, original: torch.nn.Module, recipe: Recipe,
-                 params: dict[str, OperandParams], timestep_arg: str | None, records=()):
+                 params: dict[str, OperandParams], artifacts: dict[str, Artifact], timestep_arg: str | None, records=()):
         super().__init__()
         self.graph_module = graph_module
         self.recipe = recipe
         self.params = params
+        self.artifacts = artifacts
         self.timestep_arg = timestep_arg
         self.records = list(records)
         object.__setattr__(self, "_original", original)  # not a submodule: no duplicate weights in state_dict

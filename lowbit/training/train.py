@@ -1,4 +1,4 @@
-"""Train and ship the project's small models: `python -m lowbit.models.train reference|classifier`.
+"""Train and ship the project's small models: `python -m lowbit.training.train reference|classifier`.
 
 Fixed seeds, at most 2 CPU threads, and a wall-clock budget for the reference model (default 27
 minutes plus ~1 minute of evaluation), so anyone can rerun it on a 2-core CPU within 30 minutes;

@@ -9,7 +9,7 @@ This measures, on the trained reference model over 64 prompts x 25 sampling step
   ([CLS]) token column for the text prompts (CFG's conditional half), next to the value a uniform
   attention would give, 1 / (number of unmasked text tokens).
 
-`python -m lowbit.models.representativeness` prints both as markdown tables.
+`python -m lowbit.evaluation.representativeness` prints both as markdown tables.
 """
 
 from __future__ import annotations

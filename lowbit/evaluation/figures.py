@@ -25,7 +25,7 @@ from torch import nn  # noqa: E402
 from lowbit.evaluation.harness import prompt_set  # noqa: E402
 from lowbit.models import text_encoder  # noqa: E402
 from lowbit.models.reference import sample  # noqa: E402
-from lowbit.models.representativeness import attention_probs_of  # noqa: E402
+from lowbit.evaluation.representativeness import attention_probs_of  # noqa: E402
 
 __all__ = ["Recording", "make_figures", "record", "save_activation_heatmap", "save_attention_histogram"]
 

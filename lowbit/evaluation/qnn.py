@@ -24,13 +24,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lowbit.evaluate import calibrate_reference
+from lowbit.evaluation.run import calibrate_reference
 from lowbit.evaluation.harness import alignment_slack, evaluate
 from lowbit.evaluation.metrics import psnr
 from lowbit.lowering.onnx_qnn import HTPDenoiser, export_schedule
 from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC
 from lowbit.models.reference import load_reference_model, make_sampler
-from lowbit.quantize import quantize
+from lowbit.core.quantize import quantize
 
 __all__ = ["ConditioningProbe", "QnnEvalRow", "cfg_examples", "margins", "markdown", "run_qnn_eval"]
 

@@ -19,11 +19,12 @@ import torch.fx
 
 from lowbit.ir.annotations import QUANT_KEY
 from lowbit.ir.capture import capture, normalize_inputs
-from lowbit.quantized_model import QuantizedModel
+from lowbit.ir.schema import QuantizedAttention, QuantizedConv2d, QuantizedLinear, schema_class
+from lowbit.core.quantized_model import QuantizedModel
 
 __all__ = ["Cost", "cost"]
 
-aten, lowbit = torch.ops.aten, torch.ops.lowbit
+aten = torch.ops.aten
 FP_BITS = 32.0
 
 
@@ -53,18 +54,18 @@ class _Counter(torch.fx.Interpreter):
         if n.op != "call_function":
             return out
         annotation = n.meta.get(QUANT_KEY)
-        arg = lambda i: self.env[n.args[i]] if isinstance(n.args[i], torch.fx.Node) else n.args[i]  # noqa: E731
-        if n.target in (aten.linear.default, lowbit.quantized_linear.default):
-            flops = 2.0 * out.numel() * arg(1).shape[1]
-        elif n.target in (aten.conv2d.default, lowbit.quantized_conv2d.default):
-            w = arg(1)
-            flops = 2.0 * out.numel() * w[0].numel()
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
+        schema = schema_class(n)
+        op = schema.from_call(*args, **kwargs) if schema is not None else None
+        if isinstance(op, (QuantizedLinear, QuantizedConv2d)) or n.target in (aten.linear.default, aten.conv2d.default):
+            weight = op.weight if op is not None else args[1]  # aten.linear/conv2d(input, weight, ...)
+            flops = 2.0 * out.numel() * weight[0].numel()
         elif n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default):
-            a = arg(1 if n.target == aten.baddbmm.default else 0)
+            a = args[1 if n.target == aten.baddbmm.default else 0]  # baddbmm(bias, a, b)
             self._add(2.0 * out.numel() * a.shape[-1], FP_BITS, FP_BITS)
             return out
-        elif n.target in (aten.scaled_dot_product_attention.default, lowbit.quantized_attention.default):
-            q, k, v = arg(0), arg(1), arg(2)
+        elif isinstance(op, QuantizedAttention) or n.target == aten.scaled_dot_product_attention.default:
+            q, k, v = (op.q, op.k, op.v) if op is not None else args[:3]  # sdpa(query, key, value, ...)
             scores = 2.0 * q.numel() * k.shape[-2]
             mix = 2.0 * out.numel() * v.shape[-2]
             if annotation is None:

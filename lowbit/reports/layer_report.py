@@ -24,11 +24,11 @@ from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.capture import normalize_inputs
 from lowbit.ir.ops import attention_probs
 from lowbit.ir.params import target_name
-from lowbit.quantized_model import QuantizedModel
+from lowbit.ir.schema import FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, schema_class, schema_of
+from lowbit.core.quantized_model import QuantizedModel
 
 __all__ = ["LayerRow", "format_table", "layer_report", "write_csv", "write_json"]
 
-lowbit = torch.ops.lowbit
 _INPUT_OPERANDS = ("input", "query", "key", "value", "probs")
 
 
@@ -44,6 +44,7 @@ class LayerRow:
     timesteps: int
     rel_error: float | None
     sqnr_db: float | None
+    set_by: str  # the recipe's [layers."pattern"] tables that set this layer, else "recipe" or "keep_io_layers"
 
 
 class _ErrorProbe(torch.fx.Interpreter):
@@ -56,27 +57,28 @@ class _ErrorProbe(torch.fx.Interpreter):
         self.ref2: dict[str, float] = {}
 
     def _fp_input(self, node: torch.fx.Node):
-        if node.target == lowbit.fake_quant.default:
-            return self.env[node.args[0]]
+        """The value before its fake quantizer, if it has one."""
+        if isinstance(op := schema_of(node), FakeQuant):
+            return self.env[op.x]
         return self.env[node]
 
     def run_node(self, n: torch.fx.Node):
         out = super().run_node(n)
-        if n.op != "call_function" or n.target not in (
-            lowbit.quantized_linear.default, lowbit.quantized_conv2d.default, lowbit.quantized_attention.default
-        ):
+        schema = schema_class(n)
+        if schema not in (QuantizedLinear, QuantizedConv2d, QuantizedAttention):
             return out
         path = n.meta[LAYER_KEY].path
-        args = [self.env[a] if isinstance(a, torch.fx.Node) else a for a in n.args]
-        if n.target == lowbit.quantized_attention.default:
-            q, k, v = (self._fp_input(a) for a in n.args[:3])
-            fp = torch.matmul(attention_probs(q, k, args[3], args[4]).to(v.dtype), v)
+        op = schema.of(n)
+        value = lambda a: self.env[a] if isinstance(a, torch.fx.Node) else a  # noqa: E731
+        if isinstance(op, QuantizedAttention):
+            q, k, v = (self._fp_input(a) for a in (op.q, op.k, op.v))
+            fp = torch.matmul(attention_probs(q, k, value(op.attn_mask), op.scale).to(v.dtype), v)
         else:
             weight = self.original.get_submodule(path).weight
-            if n.target == lowbit.quantized_linear.default:
-                fp = F.linear(args[0], weight, args[3])
+            if isinstance(op, QuantizedLinear):
+                fp = F.linear(value(op.x), weight, value(op.bias))
             else:
-                fp = F.conv2d(args[0], weight, args[3], *args[8:12])
+                fp = F.conv2d(value(op.x), weight, value(op.bias), op.stride, op.padding, op.dilation, op.groups)
         self.err2[path] = self.err2.get(path, 0.0) + float((out.float() - fp.float()).pow(2).sum())
         self.ref2[path] = self.ref2.get(path, 0.0) + float(fp.float().pow(2).sum())
         return out
@@ -93,13 +95,19 @@ def layer_report(qmodel: QuantizedModel, calibration: Iterable | None = None, ma
             inputs = normalize_inputs(qmodel.original, args, kwargs, qmodel.timestep_arg)
             probe.run(*codegen.process_inputs((), inputs))
     rows, seen = [], set()
+    precision = qmodel.recipe.precision
     for node in qmodel.graph_module.graph.nodes:
-        if QUANT_KEY not in node.meta or node.op != "call_function" or node.target == lowbit.fake_quant.default:
+        if LAYER_KEY not in node.meta or node.op != "call_function" or schema_class(node) is FakeQuant:
             continue
-        info, annotation = node.meta[LAYER_KEY], node.meta[QUANT_KEY]
-        if info.path in seen:
+        info, annotation = node.meta[LAYER_KEY], node.meta.get(QUANT_KEY)
+        if info.path in seen or (annotation is None and info.kind == "attention" and not precision.quantize_attention):
             continue
         seen.add(info.path)
+        set_by = precision.resolve(info.path).set_by
+        source = ", ".join(f'layers."{p}"' for p in set_by) or ("recipe" if annotation else "keep_io_layers")
+        if annotation is None:
+            rows.append(LayerRow(info.path, info.kind, None, None, "float", None, None, 0, None, None, source))
+            continue
         operands = annotation.operands()
         act = next((operands[o] for o in _INPUT_OPERANDS if o in operands), None)
         ranges = [qmodel.params[t] for o in _INPUT_OPERANDS if (t := target_name(info.path, o)) in qmodel.params]
@@ -119,6 +127,7 @@ def layer_report(qmodel: QuantizedModel, calibration: Iterable | None = None, ma
             timesteps=len(ranges[0].timesteps) if ranges and ranges[0].timesteps is not None else 1,
             rel_error=rel,
             sqnr_db=-20 * math.log10(rel) if rel else None,
+            set_by=source,
         ))
     return rows
 
@@ -133,9 +142,9 @@ def _fmt(value) -> str:
 
 def format_table(rows: list[LayerRow]) -> str:
     """A fixed-width table for the terminal."""
-    header = ["layer", "op", "W", "A", "granularity", "range", "T", "rel.err", "SQNR dB"]
+    header = ["layer", "op", "W", "A", "granularity", "range", "T", "rel.err", "SQNR dB", "set by"]
     body = [[r.layer, r.op, _fmt(r.weight_bits), _fmt(r.activation_bits), r.granularity,
-             f"[{_fmt(r.range_min)}, {_fmt(r.range_max)}]", str(r.timesteps), _fmt(r.rel_error), _fmt(r.sqnr_db)]
+             f"[{_fmt(r.range_min)}, {_fmt(r.range_max)}]", str(r.timesteps), _fmt(r.rel_error), _fmt(r.sqnr_db), r.set_by]
             for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

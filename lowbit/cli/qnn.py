@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS
-from lowbit.staging import add_output_arguments, output_folder, staged_folder
+from lowbit.core.staging import add_output_arguments, output_folder, staged_folder
 
 __all__ = ["add_commands"]
 
@@ -40,7 +40,7 @@ def _calibration(name: str, model: torch.nn.Module, prompts: int, steps: int) ->
     """The denoiser's inputs: the reference sampler's own (CFG batches), or a small config's example
     inputs (batch 2 per prompt) at ``steps`` timesteps spread over the schedule."""
     if name == "reference":
-        from lowbit.evaluate import calibrate_reference
+        from lowbit.evaluation.run import calibrate_reference
 
         return calibrate_reference(model, prompts, steps, progress=False)
     from lowbit.models.tiny import TINY_MODELS
@@ -59,19 +59,19 @@ def _calibration(name: str, model: torch.nn.Module, prompts: int, steps: int) ->
 def _cmd_export(args: argparse.Namespace) -> int:
     import onnx
 
-    from lowbit.cli import _recipe
+    from lowbit.recipes import get_recipe
     from lowbit.ir.capture import normalize_inputs
     from lowbit.lowering.onnx_qnn import compile_context, export_schedule
     from lowbit.lowering.onnx_qnn.specialize import flat_inputs
-    from lowbit.qnn_eval import cfg_examples
-    from lowbit.quantize import quantize
-    from lowbit.serialization import save
+    from lowbit.evaluation.qnn import cfg_examples
+    from lowbit.core.quantize import quantize
+    from lowbit.core.serialization import save
 
     if args.batch < 2 or args.batch % 2:
         raise ValueError(f"--batch must be an even number (prompt pairs for classifier-free guidance); got {args.batch}")
     out = output_folder(args)
     model = _fp_model(args.model)
-    recipe = _recipe(args.recipe)
+    recipe = get_recipe(args.recipe)
     calibration = _calibration(args.model, model, args.prompts, args.steps)
     qmodel = quantize(model, recipe, calibration, progress=False)
     examples = cfg_examples(calibration, args.batch)
@@ -96,7 +96,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 def _cmd_verify(args: argparse.Namespace) -> int:
     from lowbit.lowering.onnx_qnn import verify_qnn
-    from lowbit.serialization import load
+    from lowbit.core.serialization import load
 
     path = Path(args.model)
     if not path.is_file():
@@ -115,7 +115,7 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 def _cmd_eval_qnn(args: argparse.Namespace) -> int:
     from lowbit.evaluation.grid import save_grid
-    from lowbit.qnn_eval import margins, markdown, run_qnn_eval
+    from lowbit.evaluation.qnn import margins, markdown, run_qnn_eval
 
     out = output_folder(args)
     with staged_folder(out, overwrite=args.overwrite) as tmp:

@@ -1,0 +1,227 @@
+"""``lowbit.save`` / ``lowbit.load``: safetensors + JSON, never pickle.
+
+A saved model is a folder with ``lowbit.json`` (format version, recipe, captured input
+signature, the spec of every quantized operand, the artifacts' JSON fields, a SHA-256 digest of
+every tensor) and ``params.safetensors`` (scales, zero points, timestep tables, integer weights,
+the artifacts' tensors). Loading checks the files first, then re-captures the user's model on
+inputs of the saved signature, replays the recipe's rewrite passes and converts with the saved
+parameters and artifacts, so no code or graph is ever deserialized and no pass that decided
+something from calibration runs again. Both files are staged (``lowbit.core.staging``): a failed
+save leaves nothing half-written behind.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, QuantSpec
+from lowbit.ir.artifacts import ARTIFACTS, Artifact, ArtifactError
+from lowbit.ir.capture import InputSignature, TensorSpec, capture
+from lowbit.ir.params import OperandParams, target_name
+from lowbit.passes import PassContext, Pipeline
+from lowbit.core.quantized_model import QuantizedModel
+from lowbit.recipes import Recipe, RecipeError
+from lowbit.core.staging import staged_folder
+
+__all__ = ["FORMAT_VERSION", "SerializationError", "load", "save"]
+
+FORMAT_VERSION = 2  # 2: recipes list their passes; artifacts; a digest of every tensor
+_META, _TENSORS = "lowbit.json", "params.safetensors"
+_ARTIFACT = "artifact:"
+_KEYS = ("model_class", "model_config", "model_weights", "recipe", "timestep_arg", "signature", "params", "artifacts",
+         "digests", "meta_digest")  # tensors of artifact NAME are saved as "artifact:NAME/<field>"
+
+
+class SerializationError(ValueError):
+    """A saved model cannot be written or read; the message says why and what to do."""
+
+
+def _encode(value: Any, where: str) -> Any:
+    if isinstance(value, TensorSpec):
+        return {"__tensor__": {"shape": list(value.shape), "dtype": value.dtype}}
+    if isinstance(value, dict):
+        return {k: _encode(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise SerializationError(f"cannot save input {where} of type {type(value).__name__}: only tensors and plain constants are saved")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict) and "__tensor__" in value:
+        return TensorSpec(tuple(value["__tensor__"]["shape"]), value["__tensor__"]["dtype"])
+    if isinstance(value, dict):
+        return {k: _decode(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _digest(t: torch.Tensor) -> str:
+    return hashlib.sha256(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()).hexdigest()
+
+
+def _config(model: torch.nn.Module) -> Any:
+    """The model's configuration as plain JSON (diffusers models carry one; others have none)."""
+    config = getattr(model, "config", None)
+    return json.loads(json.dumps(dict(config), sort_keys=True, default=str)) if hasattr(config, "items") else None
+
+
+def _weights_digest(model: torch.nn.Module) -> str:
+    """One digest of every parameter and buffer of the full-precision model, by name."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def _meta_digest(meta: dict) -> str:
+    """A digest of the JSON record itself, so that a hand-edited shape or spec is refused before use."""
+    return hashlib.sha256(json.dumps({k: v for k, v in meta.items() if k != "meta_digest"}, sort_keys=True).encode()).hexdigest()
+
+
+def save(qmodel: QuantizedModel, path: str | os.PathLike, *, overwrite: bool = False) -> Path:
+    """Write ``qmodel`` to the folder ``path``: its parameters, its artifacts and the recipe."""
+    tensors = {f"{t}/{k}": v.contiguous() for t, p in qmodel.params.items() for k, v in p.tensors().items()}
+    artifacts = {}
+    for name, artifact in qmodel.artifacts.items():
+        artifacts[name], fields = artifact.encode(name)
+        tensors |= {f"{_ARTIFACT}{name}/{k}": v.contiguous() for k, v in fields.items()}
+    meta = {
+        "format": "lowbit",
+        "version": FORMAT_VERSION,
+        "model_class": type(qmodel.original).__name__,
+        "model_config": _config(qmodel.original),
+        "model_weights": _weights_digest(qmodel.original),
+        "recipe": qmodel.recipe.to_dict(),
+        "timestep_arg": qmodel.timestep_arg,
+        "signature": _encode(qmodel.signature.inputs, "inputs"),
+        "params": {t: p.spec.to_dict() for t, p in qmodel.params.items()},
+        "artifacts": artifacts,
+        "digests": {k: _digest(v) for k, v in tensors.items()},
+    }
+    meta["meta_digest"] = _meta_digest(meta)
+    with staged_folder(path, overwrite=overwrite) as tmp:
+        save_file(tensors, tmp / _TENSORS)
+        (tmp / _META).write_text(json.dumps(meta, indent=1))
+    return Path(path)
+
+
+def _read_meta(path: Path) -> dict:
+    if not (path / _META).is_file() or not (path / _TENSORS).is_file():
+        raise SerializationError(f"{path} is not a saved lowbit model (expected {_META} and {_TENSORS} inside)")
+    try:
+        meta = json.loads((path / _META).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise SerializationError(f"{path / _META} is not valid JSON: {err}") from err
+    if not isinstance(meta, dict) or meta.get("format") != "lowbit":
+        raise SerializationError(f"{path / _META} is not a lowbit file")
+    if meta.get("version") != FORMAT_VERSION:
+        raise SerializationError(
+            f"{path} was saved in lowbit format version {meta.get('version')}, but this lowbit reads "
+            f"version {FORMAT_VERSION}; re-quantize the model, or load it with the lowbit release that saved it"
+        )
+    missing = [k for k in _KEYS if k not in meta]
+    if missing:
+        raise SerializationError(f"{path / _META} lacks {', '.join(missing)}: the file was edited or truncated")
+    if meta["meta_digest"] != _meta_digest(meta):
+        raise SerializationError(f"{path / _META} differs from what lowbit wrote (its digest does not match): the file "
+                                 f"was edited; re-save the model from its source")
+    return meta
+
+
+def _check_model(path: Path, meta: dict, model: torch.nn.Module) -> None:
+    """The model given must be the one that was quantized: class, configuration and weights."""
+    if meta["model_class"] != type(model).__name__:
+        raise SerializationError(f"{path} quantizes a {meta['model_class']}, but the model given is a {type(model).__name__}")
+    config = _config(model)
+    if config != meta["model_config"]:
+        saved = meta["model_config"] or {}
+        differ = sorted(k for k in set(saved) | set(config or {}) if saved.get(k) != (config or {}).get(k))
+        raise SerializationError(f"{path} quantizes a {meta['model_class']} of another configuration (differs in "
+                                 f"{', '.join(differ[:5])}); load it into the model it was quantized from")
+    if _weights_digest(model) != meta["model_weights"]:
+        raise SerializationError(f"{path} quantizes a {meta['model_class']} with other weights: the full-precision "
+                                 f"weights given differ from those it was quantized from; load it into that model")
+
+
+def _read_tensors(path: Path, digests: dict) -> dict[str, torch.Tensor]:
+    """The saved tensors, each checked against the digest recorded when it was saved."""
+    try:
+        tensors = load_file(path / _TENSORS)
+    except Exception as err:  # safetensors raises its own error types for truncated or foreign files
+        raise SerializationError(f"{path / _TENSORS} cannot be read ({err}); the file is damaged or not lowbit's") from err
+    if set(tensors) != set(digests):
+        extra, missing = sorted(set(tensors) - set(digests))[:3], sorted(set(digests) - set(tensors))[:3]
+        raise SerializationError(f"{path / _TENSORS} does not hold the tensors {_META} records (unexpected {extra}, "
+                                 f"missing {missing})")
+    changed = [k for k, t in tensors.items() if _digest(t) != digests[k]]
+    if changed:
+        raise SerializationError(f"{path / _TENSORS}: tensor {changed[0]} differs from what was saved"
+                                 f"{f' (and {len(changed) - 1} more)' if len(changed) > 1 else ''}; the file was modified")
+    return tensors
+
+
+def _artifacts(path: Path, records: dict, tensors: dict[str, torch.Tensor]) -> dict[str, Artifact]:
+    out = {}
+    for name, record in records.items():
+        cls = ARTIFACTS.get(record.get("kind")) if isinstance(record, dict) else None
+        if cls is None:
+            raise SerializationError(f"{path / _META}: artifact {name!r} is of kind {record.get('kind') if isinstance(record, dict) else record!r}, "
+                                     f"which this lowbit does not know; import the module that defines it before loading")
+        prefix = f"{_ARTIFACT}{name}/"
+        fields = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            out[name] = cls.decode(name, record, fields)
+        except (ArtifactError, TypeError, ValueError) as err:
+            raise SerializationError(f"{path}: {err}") from err
+    return out
+
+
+def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
+    """Rebuild a quantized ``model`` (the same architecture, full-precision weights) from ``path``.
+
+    Everything is read and checked before anything is built, so a refused file leaves no state."""
+    path = Path(path)
+    meta = _read_meta(path)
+    _check_model(path, meta, model)
+    tensors = _read_tensors(path, meta["digests"])
+    artifacts = _artifacts(path, meta["artifacts"], tensors)
+    params = {}
+    for target, spec in meta["params"].items():
+        fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == target}
+        params[target] = OperandParams(QuantSpec.from_dict(spec), **fields)
+    try:
+        recipe = Recipe.from_dict(meta["recipe"], f"{path / _META} (recipe)")
+    except RecipeError as err:
+        raise SerializationError(str(err)) from err
+    signature = InputSignature(_decode(meta["signature"]), meta["timestep_arg"])
+    gm = capture(model, (), signature.examples(batch=2), timestep_arg=signature.timestep_arg)
+    ctx = PassContext(precision=recipe.precision, timestep_arg=signature.timestep_arg, params=params, artifacts=artifacts)
+    gm = Pipeline(recipe.phase_passes("rewrite")).run(gm, ctx)
+    expected = set()
+    for node in gm.graph.nodes:
+        if QUANT_KEY in node.meta:
+            annotation = node.meta[QUANT_KEY]
+            path_ = node.meta[LAYER_KEY].path
+            targets = {op: target_name(path_, op) for op, spec in annotation.operands().items() if spec.mode != "dynamic"}
+            expected |= set(targets.values())
+            # calibration-time passes (grouping) refined some specs: the saved ones are authoritative
+            saved = {op: params[t].spec for op, t in targets.items() if t in params}
+            node.meta[QUANT_KEY] = dataclasses.replace(annotation, **saved)
+    if expected != set(params):
+        extra, missing = sorted(set(params) - expected)[:3], sorted(expected - set(params))[:3]
+        raise SerializationError(f"{path} does not fit this model: saved-only targets {extra}, unsaved targets {missing}")
+    convert = Pipeline(recipe.phase_passes("convert"))
+    gm = convert.run(gm, ctx)
+    return QuantizedModel(gm, model, recipe, params, artifacts, signature.timestep_arg, convert.records)

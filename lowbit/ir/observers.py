@@ -1,0 +1,64 @@
+"""Observers: graph modules that file streaming statistics of the tensor they see.
+
+An observer holds no reference to any store between calibration runs: ``observing(gm, store)``
+hands every observer of a graph the store to fill for the duration of a block, so the state of a
+calibration lives in the pass context, and a graph run outside calibration cannot write anywhere.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+
+from lowbit.ir.statistics import CalibrationError, Layout, ObservationStore, RangeStatistics
+
+__all__ = ["OBSERVERS", "Observer", "observing"]
+
+OBSERVERS = "lowbit_observers"
+
+
+class Observer(torch.nn.Module):
+    """Records RangeStatistics of its input, split by the timestep of each batch element."""
+
+    def __init__(self, target: str, node: str, layout: Layout):
+        super().__init__()
+        self.target, self.node, self.layout = target, node, layout
+        self.store: ObservationStore | None = None
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | None = None) -> None:
+        if self.store is None:
+            raise CalibrationError(f"observer of {self.target} ran outside calibration: run the graph inside "
+                                   f"lowbit.ir.observers.observing(graph_module, ctx.observations)")
+        steps = [0.0] if timestep is None else torch.as_tensor(timestep).reshape(-1).tolist()
+        if not torch.isfinite(x).all():
+            raise CalibrationError(
+                f"non-finite values (NaN or Inf) reached {self.target} (node '{self.node}') at timestep "
+                f"{steps[0]:g}: check the calibration inputs, or the layers before this one, for overflow"
+            )
+        unique = sorted(set(steps))
+        if len(unique) == 1:
+            self.store.add(self.target, unique[0], RangeStatistics.of(x, self.layout))
+            return
+        if x.shape[0] != len(steps):
+            raise CalibrationError(
+                f"{self.target} (node '{self.node}'): the batch mixes timesteps {unique} but this tensor's "
+                f"leading dimension ({x.shape[0]}) is not the batch ({len(steps)}); calibrate one timestep per call"
+            )
+        t = torch.tensor(steps)
+        for value in unique:
+            self.store.add(self.target, value, RangeStatistics.of(x[t == value], self.layout))
+
+
+@contextmanager
+def observing(gm: torch.nn.Module, store: ObservationStore) -> Iterator[None]:
+    """Let the observers of ``gm`` file their statistics into ``store`` within the block."""
+    observers = [m for m in gm.modules() if isinstance(m, Observer)]
+    for m in observers:
+        m.store = store
+    try:
+        yield
+    finally:
+        for m in observers:
+            m.store = None

@@ -1,0 +1,77 @@
+"""The built-in recipes: the TOML files in ``builtin/``, one per method, instantiated by name.
+
+``<method>-w<W>a<A>`` is ``builtin/<method>.toml`` at W-bit weights and A-bit activations (any
+bit-widths in [2, 16]); ``-g<K>`` sets ``group_activations.groups`` for methods that group.
+``lowbit recipes --show NAME`` prints the resolved recipe, so a user reads exactly what it runs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from functools import cache
+from pathlib import Path
+
+from lowbit.recipes.recipe import Recipe, RecipeError
+
+__all__ = ["get_recipe", "recipes"]
+
+BUILTIN = Path(__file__).parent / "builtin"
+_NAME = re.compile(r"(?P<method>[a-z0-9]+)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?")
+# the names listed by lowbit.recipes(): the bit-widths the project's tables use
+_LISTED = {"minmax": ((4, 6, 8, 16), (4, 6, 8, 16)), "mse": ((4, 6, 8, 16), (4, 6, 8, 16)),
+           "adaround": ((4, 6, 8, 16), (4, 6, 8, 16)), "dgq": ((4, 8), (6, 8))}
+_LISTED_GROUPS = (1, 2, 4, 8, 16)
+
+
+@cache
+def _method(method: str) -> Recipe:
+    return Recipe.from_file(BUILTIN / f"{method}.toml")
+
+
+def _methods() -> list[str]:
+    return sorted(p.stem for p in BUILTIN.glob("*.toml"))
+
+
+def _instantiate(name: str) -> Recipe:
+    match = _NAME.fullmatch(name)
+    if match is None or match["method"] not in _methods():
+        raise RecipeError(f"unknown recipe {name!r}; built-in recipes are <method>-w<W>a<A> with method one of "
+                          f"{', '.join(_methods())} (e.g. minmax-w8a8, dgq-w4a6-g16; see lowbit.recipes()), "
+                          f"or give the path of a .toml recipe file")
+    base = _method(match["method"])
+    bits = {"weight_bits": float(match["w"]), "activation_bits": float(match["a"])}
+    recipe = dataclasses.replace(base, name=name, precision=dataclasses.replace(base.precision, **bits))
+    if match["g"] is not None:
+        step = next((s for s in recipe.passes if s.name == "group_activations"), None)
+        if step is None:
+            raise RecipeError(f"unknown recipe {name!r}: -g<K> sets the groups of group_activations, which "
+                              f"{match['method']} does not run")
+        recipe = recipe.with_pass("group_activations", **(dict(step.settings) | {"groups": int(match["g"])}))
+    return recipe
+
+
+def recipes() -> list[str]:
+    """Names of the built-in recipes at the bit-widths the project's tables use."""
+    names = []
+    for method, (weights, activations) in _LISTED.items():
+        for w in weights:
+            for a in activations:
+                names.append(f"{method}-w{w}a{a}")
+                if method == "dgq":
+                    names += [f"{method}-w{w}a{a}-g{k}" for k in _LISTED_GROUPS]
+    return sorted(names)
+
+
+def get_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:
+    """A recipe from a built-in name, the path of a TOML file, or a Recipe (returned as is)."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    text = os.fspath(recipe)
+    if text.endswith(".toml") or isinstance(recipe, Path):
+        if not Path(text).is_file():
+            raise RecipeError(f"recipe file {text} does not exist")
+        return Recipe.from_file(text)
+    return _instantiate(text)
+
