@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from lowbit.cli import main
 
 
@@ -34,3 +36,11 @@ def test_quantize_compares_like_with_like(tmp_path, capsys):
     printed = capsys.readouterr().out
     line = next(line for line in printed.splitlines() if "relative L2 difference" in line)
     assert float(line.rsplit(":", 1)[1]) < 1e-3, line
+
+
+def test_counts_below_one_are_refused_before_any_work(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["eval", "--samples", "0", "--out", str(tmp_path / "ev")])
+    assert exit_.value.code == 2
+    assert "argument --samples: must be at least 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "ev").exists()

@@ -14,15 +14,16 @@ import sys
 
 import torch
 
-from lowbit.core.calibration import DenoiserInputStream
-from lowbit.evaluation.grid import save_grid
-from lowbit.passes import PassError
+from lowbit.cli.arguments import positive_int
 from lowbit.cli.qnn import add_commands as add_qnn_commands
+from lowbit.core.calibration import DenoiserInputStream
 from lowbit.core.quantize import quantize
-from lowbit.recipes import RecipeError, get_recipe, recipes
-from lowbit.reports.layer_report import format_table, layer_report, write_csv, write_json
 from lowbit.core.serialization import save
 from lowbit.core.staging import OutputExistsError, add_output_arguments, output_folder, staged_folder
+from lowbit.evaluation.grid import save_grid
+from lowbit.passes import PassError
+from lowbit.recipes import RecipeError, get_recipe, recipes
+from lowbit.reports.layer_report import format_table, layer_report, write_csv, write_json
 
 __all__ = ["main"]
 
@@ -105,27 +106,27 @@ def _parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quantize", help="quantize a shipped model's denoiser, run it in its pipeline, report per layer")
     q.add_argument("--model", default="pixart", choices=PIPELINE_MODELS, help="the model to quantize")
     q.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name (see 'lowbit recipes') or a .toml file")
-    q.add_argument("--prompts", type=int, default=8, help="calibration prompts")
-    q.add_argument("--steps", type=int, default=25, help="denoising steps per prompt (DGQ uses 25)")
-    q.add_argument("--samples", type=int, default=4, help="images generated for the comparison picture")
+    q.add_argument("--prompts", type=positive_int, default=8, help="calibration prompts")
+    q.add_argument("--steps", type=positive_int, default=25, help="denoising steps per prompt (DGQ uses 25)")
+    q.add_argument("--samples", type=positive_int, default=4, help="images generated for the comparison picture")
     add_output_arguments(q, "out/quantize")
     q.set_defaults(func=_cmd_quantize)
     e = sub.add_parser("eval", help="full precision and recipes side by side on the shipped reference model")
     e.add_argument("--model", default="reference", choices=list(EVAL_MODELS),
                    help="the shipped reference model, or the same function with planted channel outliers (lowbit/models/stress.py)")
     e.add_argument("--recipe", action="append", default=[], help="a recipe name or .toml file; repeat for several")
-    e.add_argument("--samples", type=int, default=1000, help="images per prompt set (seen and held-out phrasings)")
+    e.add_argument("--samples", type=positive_int, default=1000, help="images per prompt set (seen and held-out phrasings)")
     e.add_argument("--seed", type=int, default=0, help="prompt and noise seed")
-    e.add_argument("--steps", type=int, default=25, help="sampling steps (DGQ uses 25)")
-    e.add_argument("--calibration-prompts", type=int, default=64, help="calibration prompts (DGQ uses 64)")
+    e.add_argument("--steps", type=positive_int, default=25, help="sampling steps (DGQ uses 25)")
+    e.add_argument("--calibration-prompts", type=positive_int, default=64, help="calibration prompts (DGQ uses 64)")
     add_output_arguments(e, "out/eval")
     e.set_defaults(func=_cmd_eval)
     f = sub.add_parser("figures", help="DGQ Figures 4 and 5 for one layer: activation heatmap, attention histogram (PNG)")
     f.add_argument("--layer", required=True, help="a linear layer whose input is pictured, e.g. transformer_blocks.2.attn1.to_q")
     f.add_argument("--attention", default=None, help="the cross-attention to histogram (default: attn2 of the layer's block)")
     f.add_argument("--model", default="reference", choices=list(EVAL_MODELS), help="the model to picture")
-    f.add_argument("--prompts", type=int, default=4, help="prompts sampled (seen phrasings)")
-    f.add_argument("--steps", type=int, default=25, help="sampling steps")
+    f.add_argument("--prompts", type=positive_int, default=4, help="prompts sampled (seen phrasings)")
+    f.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
     f.add_argument("--step", type=int, default=None, help="the step whose activation is pictured (default: the middle one)")
     add_output_arguments(f, "out/figures")
     f.set_defaults(func=_cmd_figures)

@@ -18,8 +18,9 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS
+from lowbit.cli.arguments import positive_int
 from lowbit.core.staging import add_output_arguments, output_folder, staged_folder
+from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS
 
 __all__ = ["add_commands"]
 
@@ -59,13 +60,13 @@ def _calibration(name: str, model: torch.nn.Module, prompts: int, steps: int) ->
 def _cmd_export(args: argparse.Namespace) -> int:
     import onnx
 
-    from lowbit.recipes import get_recipe
+    from lowbit.core.quantize import quantize
+    from lowbit.core.serialization import save
+    from lowbit.evaluation.qnn import cfg_examples
     from lowbit.ir.capture import normalize_inputs
     from lowbit.lowering.onnx_qnn import compile_context, export_schedule
     from lowbit.lowering.onnx_qnn.specialize import flat_inputs
-    from lowbit.evaluation.qnn import cfg_examples
-    from lowbit.core.quantize import quantize
-    from lowbit.core.serialization import save
+    from lowbit.recipes import get_recipe
 
     if args.batch < 2 or args.batch % 2:
         raise ValueError(f"--batch must be an even number (prompt pairs for classifier-free guidance); got {args.batch}")
@@ -95,8 +96,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from lowbit.lowering.onnx_qnn import verify_qnn
     from lowbit.core.serialization import load
+    from lowbit.lowering.onnx_qnn import verify_qnn
 
     path = Path(args.model)
     if not path.is_file():
@@ -137,9 +138,9 @@ def add_commands(sub) -> None:
     x.add_argument("--target", default="qnn-htp", choices=("qnn-htp",), help="lowering target")
     x.add_argument("--model", default="reference", choices=QNN_MODELS, help="the model to quantize and export")
     x.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name or a .toml file")
-    x.add_argument("--prompts", type=int, default=8, help="calibration prompts (reference) or samples per timestep")
-    x.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
-    x.add_argument("--batch", type=int, default=2, help="the graphs' static batch: 2 x prompts per call (CFG pairs)")
+    x.add_argument("--prompts", type=positive_int, default=8, help="calibration prompts (reference) or samples per timestep")
+    x.add_argument("--steps", type=positive_int, default=25, help="sampling steps: one HTP graph per step")
+    x.add_argument("--batch", type=positive_int, default=2, help="the graphs' static batch: 2 x prompts per call (CFG pairs)")
     x.add_argument("--soc", default=DEFAULT_SOC, choices=list(SOCS), help="the phone's Snapdragon SoC (default: 8 Elite)")
     add_output_arguments(x, "out/qnn")
     x.set_defaults(func=_cmd_export)
@@ -150,11 +151,11 @@ def add_commands(sub) -> None:
     v.set_defaults(func=_cmd_verify)
     e = sub.add_parser("eval-qnn", help="sample the reference model with its HTP graphs as the denoiser; score it beside eager")
     e.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name")
-    e.add_argument("--samples", type=int, default=100, help="images per prompt set")
-    e.add_argument("--batch", type=int, default=20, help="the graphs' static batch (CFG pairs); calls run in chunks of it")
+    e.add_argument("--samples", type=positive_int, default=100, help="images per prompt set")
+    e.add_argument("--batch", type=positive_int, default=20, help="the graphs' static batch (CFG pairs); calls run in chunks of it")
     e.add_argument("--soc", default=DEFAULT_SOC, choices=list(SOCS), help="the phone's Snapdragon SoC (default: 8 Elite)")
     e.add_argument("--reseeds", type=int, default=3, help="further noise seeds of the eager model: FID's margin is 2 SD over seeds")
-    e.add_argument("--steps", type=int, default=25, help="sampling steps: one HTP graph per step")
-    e.add_argument("--calibration-prompts", type=int, default=16, help="calibration prompts")
+    e.add_argument("--steps", type=positive_int, default=25, help="sampling steps: one HTP graph per step")
+    e.add_argument("--calibration-prompts", type=positive_int, default=16, help="calibration prompts")
     add_output_arguments(e, "out/eval-qnn")
     e.set_defaults(func=_cmd_eval_qnn)

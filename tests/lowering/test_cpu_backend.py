@@ -128,3 +128,13 @@ def test_fallbacks_are_reported_by_layer():
     assert all("16-bit activations" in f.reason for f in report.fallbacks)
     assert any("transformer_blocks_0_attn1_to_q" in f.layer for f in report.fallbacks)
     assert any("16-bit activations" in str(w.message) for w in caught)
+
+
+def test_a_module_with_nothing_quantized_is_not_compiled_in_silence():
+    torch._dynamo.reset()
+    net = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.ReLU())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.no_grad():
+            torch.compile(net, backend="lowbit")(torch.randn(2, 8))
+    assert any("holds no quantized op, so it runs in full precision" in str(w.message) for w in caught)
