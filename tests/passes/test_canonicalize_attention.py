@@ -6,7 +6,7 @@ import torch
 from lowbit.ir.annotations import ATTENTION_KEY, CREATED_BY_KEY
 from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.capture import capture, normalize_inputs
-from lowbit.models.tiny import TINY_MODELS, build
+from lowbit.models.tiny import build
 from lowbit.passes.base import PassContext
 from lowbit.passes.canonicalize_attention import CanonicalizeAttention
 from lowbit.passes.pipeline import Pipeline

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lowbit.ir.annotations import OUTLIER_KEY, LAYER_KEY, QuantSpec
+from lowbit.ir.annotations import OUTLIER_KEY, LAYER_KEY
 from lowbit.ir.capture import capture
 from lowbit.ir.observers import observing
 from lowbit.ir.precision import Precision

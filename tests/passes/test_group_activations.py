@@ -5,7 +5,7 @@ import torch
 from torch.utils._pytree import tree_map
 
 import lowbit
-from lowbit.ir.annotations import QUANT_KEY, LAYER_KEY, QuantSpec
+from lowbit.ir.annotations import QUANT_KEY, LAYER_KEY
 from lowbit.ir.capture import capture
 from lowbit.ir.observers import observing
 from lowbit.ir.precision import Precision

@@ -300,7 +300,7 @@ def expected_cross(model: CrossModel, quant: dict | None = None, observed: bool 
     before each linear on its input and, before the output matmul, on q, k, v and the probabilities
     (in that order), each taking (value, timestep)."""
     quant, outliers = quant or {}, outliers or {}
-    e, attn = ExpectedGraph(), model.attn
+    e = ExpectedGraph()
     params = {p: (e.attr(f"{p}.weight", fetch_attr(model, f"{p}.weight")), e.attr(f"{p}.bias", fetch_attr(model, f"{p}.bias")))
               for p in CROSS_LINEARS}
     x, t, text = e.input("x"), e.input("timestep"), e.input("encoder_hidden_states")

@@ -3,7 +3,6 @@ context binary, and a denoiser that runs the graph of the timestep it is called 
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
