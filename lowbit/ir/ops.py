@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowbit.ir.schema import FakeQuant, Log2FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
+from lowbit.ir.schema import FakeQuant, Log2FakeQuant, OpSchema, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 
 __all__ = [
     "REFERENCES",
@@ -186,20 +186,20 @@ def _select_timestep(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tens
     return timestep_row(table, timesteps, timestep).clone()
 
 
-FakeQuant.define("lowbit::fake_quant", uniform_quantize)
-Log2FakeQuant.define("lowbit::log2_fake_quant", log2_quantize)
-SelectTimestep.define("lowbit::select_timestep", _select_timestep)
-QuantizedLinear.define("lowbit::quantized_linear", linear_reference)
-QuantizedConv2d.define("lowbit::quantized_conv2d", conv2d_reference)
-QuantizedAttention.define("lowbit::quantized_attention", attention_reference)
-
 # The plain-PyTorch body of each op, called with the op's arguments by name: what a lowering inlines
 # where it has nothing faster, so that its compiler (inductor) fuses the reference arithmetic.
-REFERENCES: dict[object, Callable[..., Tensor]] = {
-    FakeQuant.overload(): uniform_quantize,
-    Log2FakeQuant.overload(): log2_quantize,
-    SelectTimestep.overload(): timestep_row,
-    QuantizedLinear.overload(): linear_reference,
-    QuantizedConv2d.overload(): conv2d_reference,
-    QuantizedAttention.overload(): attention_reference,
-}
+REFERENCES: dict[object, Callable[..., Tensor]] = {}
+
+
+def _define(schema: type[OpSchema], reference: Callable[..., Tensor], body: Callable[..., Tensor] | None = None) -> None:
+    """Register ``lowbit::<NAME>`` running ``body`` (default: the reference), and file its reference."""
+    schema.define(f"lowbit::{schema.NAME}", body or reference)
+    REFERENCES[schema.overload()] = reference
+
+
+_define(FakeQuant, uniform_quantize)
+_define(Log2FakeQuant, log2_quantize)
+_define(SelectTimestep, timestep_row, _select_timestep)
+_define(QuantizedLinear, linear_reference)
+_define(QuantizedConv2d, conv2d_reference)
+_define(QuantizedAttention, attention_reference)
