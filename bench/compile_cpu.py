@@ -86,7 +86,7 @@ def _rss() -> int:
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def _return_freed_memory() -> None:
+def return_freed_memory() -> None:
     """Fix glibc's mmap threshold at 128 KiB: every large tensor is then its own mapping, returned
     to the system when freed, so the resident set follows what is allocated."""
     libc = ctypes.CDLL(ctypes.util.find_library("c"))
@@ -96,7 +96,7 @@ def _return_freed_memory() -> None:
 
 def peak_step_bytes(step: Callable[[], object]) -> int:
     """Peak resident memory during one step above what the process held before it, sampled every
-    0.2 ms from /proc (see _return_freed_memory)."""
+    0.2 ms from /proc (see return_freed_memory)."""
     gc.collect()
     before, peak, done = _rss(), [0], threading.Event()
 
@@ -176,7 +176,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    _return_freed_memory()
+    return_freed_memory()
     load_at_start = os.getloadavg()[0]
     torch.manual_seed(0)
     sections = []
@@ -192,7 +192,7 @@ def main() -> None:
         calibration = calibrate_reference(model, prompts=4, steps=5, progress=False)
         sections += measure("shipped reference model, CFG batch 2 x 2 prompts", model, None, args.rounds, calibration)
     load = os.getloadavg()[0]
-    header = [f"Device: {_cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}. "
+    header = [f"Device: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}. "
               f"Load average (1 min) at the start {load_at_start:.1f}, at the end {load:.1f} (a load above "
               f"{os.cpu_count()} means other processes shared the cores, which slows every variant and compresses the ratios).", "",
               f"Command: `{' '.join(['.venv/bin/python', 'bench/compile_cpu.py', *sys.argv[1:]])}`", ""]
@@ -201,7 +201,7 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
         for line in cpuinfo.read_text().splitlines():

@@ -87,7 +87,7 @@ def clipping(qmodel: QuantizedModel, samples: list) -> tuple[dict[str, float], d
     gm = qmodel.graph_module
     with torch.no_grad():
         for args, kwargs in samples:
-            inputs = normalize_inputs(qmodel.original, args, kwargs, qmodel.timestep_arg)
+            inputs = normalize_inputs(qmodel.original, args, kwargs, qmodel.step_arg)
             probe.run(*gm.graph._codegen.process_inputs((), inputs))
     return {k: (probe.clipped[k] / probe.total[k]) ** 0.5 if probe.total[k] else 0.0 for k in probe.total}, probe.axis
 

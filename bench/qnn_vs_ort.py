@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantType, quantize
 from onnxruntime.quantization.execution_providers.qnn import get_qnn_qdq_config, qnn_preprocess_model
@@ -67,7 +66,7 @@ def _feeds(kwargs: dict) -> dict[str, np.ndarray]:
 def _fp_onnx(model, kwargs: dict, path: Path) -> None:
     """The full-precision graph at this timestep and batch, as plain float ONNX."""
     gm = capture(model, (), kwargs)
-    gm = CanonicalizeAttention().run(gm, PassContext(timestep_arg="timestep")).graph_module
+    gm = CanonicalizeAttention().run(gm, PassContext(step_arg="timestep")).graph_module
     onnx.save(emit(specialize(gm, normalize_inputs(model, (), kwargs, "timestep"), "timestep"), "fp"), str(path))
 
 

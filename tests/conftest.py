@@ -67,3 +67,23 @@ def mixed_recipe(tmp_path):
     path = tmp_path / "w4a8-mixed.toml"
     path.write_text(MIXED_RECIPE)
     return path
+
+
+def small_var(seed: int = 0):
+    """A VAR config no shipped model uses (3 heads of 16, scales 1-2-4, 24 codes), its tokenizer,
+    and the step module lowbit quantizes; random weights."""
+    from lowbit.models.var import VAR, MultiScaleVQ, TokenizerConfig, VARConfig, VARStep
+
+    torch.manual_seed(seed)
+    var = VAR(VARConfig(depth=2, width=48, heads=3, patch_nums=(1, 2, 4), vocab_size=24, latent_channels=8)).eval()
+    tokenizer = MultiScaleVQ(TokenizerConfig(patch_nums=(1, 2, 4), vocab_size=24, latent_channels=8, hidden=16)).eval()
+    return var, tokenizer, VARStep(var)
+
+
+def var_calibration(var, tokenizer, step, labels=(0, 1, 2, 3), seed: int = 0) -> list:
+    """The step's inputs at every scale while the FP model samples ``labels``: ((), kwargs) pairs."""
+    from lowbit.models.var import sample
+
+    trace: list[dict] = []
+    sample(step, var, tokenizer, torch.tensor(labels), [seed + i for i in range(len(labels))], trace=trace)
+    return [((), kw) for kw in trace]

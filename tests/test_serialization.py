@@ -5,7 +5,7 @@ import torch
 
 import lowbit
 from lowbit.models.tiny import build
-from lowbit.core.serialization import SerializationError
+from lowbit.core.serialization import FORMAT_VERSION, SerializationError
 from lowbit.core.staging import OutputExistsError
 
 
@@ -34,7 +34,7 @@ def test_other_version_is_refused(quantized, tmp_path):
     meta = json.loads((tmp_path / "q" / "lowbit.json").read_text())
     meta["version"] = 99
     (tmp_path / "q" / "lowbit.json").write_text(json.dumps(meta))
-    with pytest.raises(SerializationError, match="saved in lowbit format version 99, but this lowbit reads version 2"):
+    with pytest.raises(SerializationError, match=f"saved in lowbit format version 99, but this lowbit reads version {FORMAT_VERSION}"):
         lowbit.load(tmp_path / "q", model)
 
 

@@ -74,11 +74,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_figures(args: argparse.Namespace) -> int:
-    from lowbit.evaluation.run import EVAL_MODELS
+    from lowbit.evaluation.run import DIFFUSION_MODELS
     from lowbit.evaluation.figures import make_figures
 
     out = output_folder(args)
-    model = EVAL_MODELS[args.model]()
+    model = DIFFUSION_MODELS[args.model]()
     with staged_folder(out, overwrite=args.overwrite) as tmp:
         paths = make_figures(model, args.layer, tmp, attention=args.attention, label=args.model,
                              prompts=args.prompts, steps=args.steps, step=args.step)
@@ -98,7 +98,7 @@ def _cmd_recipes(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    from lowbit.evaluation.run import EVAL_MODELS
+    from lowbit.evaluation.run import DIFFUSION_MODELS, EVAL_MODELS
     from lowbit.models.pipelines import PIPELINE_MODELS
 
     parser = argparse.ArgumentParser(prog="lowbit", description=__doc__.splitlines()[0])
@@ -111,20 +111,21 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--samples", type=positive_int, default=4, help="images generated for the comparison picture")
     add_output_arguments(q, "out/quantize")
     q.set_defaults(func=_cmd_quantize)
-    e = sub.add_parser("eval", help="full precision and recipes side by side on the shipped reference model")
+    e = sub.add_parser("eval", help="full precision and recipes side by side on a shipped model")
     e.add_argument("--model", default="reference", choices=list(EVAL_MODELS),
-                   help="the shipped reference model, or the same function with planted channel outliers (lowbit/models/stress.py)")
+                   help="the shipped reference model, the same function with planted channel outliers "
+                        "(lowbit/models/stress.py), or the shipped VAR (sampled at lowbit.models.var.PROTOCOL)")
     e.add_argument("--recipe", action="append", default=[], help="a recipe name or .toml file; repeat for several")
     e.add_argument("--samples", type=positive_int, default=1000, help="images per prompt set (seen and held-out phrasings)")
     e.add_argument("--seed", type=int, default=0, help="prompt and noise seed")
-    e.add_argument("--steps", type=positive_int, default=25, help="sampling steps (DGQ uses 25)")
-    e.add_argument("--calibration-prompts", type=positive_int, default=64, help="calibration prompts (DGQ uses 64)")
+    e.add_argument("--steps", type=positive_int, default=25, help="sampling steps (DGQ uses 25; VAR takes one per scale)")
+    e.add_argument("--calibration-prompts", type=positive_int, default=64, help="calibration prompts or classes (DGQ uses 64)")
     add_output_arguments(e, "out/eval")
     e.set_defaults(func=_cmd_eval)
     f = sub.add_parser("figures", help="DGQ Figures 4 and 5 for one layer: activation heatmap, attention histogram (PNG)")
     f.add_argument("--layer", required=True, help="a linear layer whose input is pictured, e.g. transformer_blocks.2.attn1.to_q")
     f.add_argument("--attention", default=None, help="the cross-attention to histogram (default: attn2 of the layer's block)")
-    f.add_argument("--model", default="reference", choices=list(EVAL_MODELS), help="the model to picture")
+    f.add_argument("--model", default="reference", choices=list(DIFFUSION_MODELS), help="the model to picture")
     f.add_argument("--prompts", type=positive_int, default=4, help="prompts sampled (seen phrasings)")
     f.add_argument("--steps", type=positive_int, default=25, help="sampling steps")
     f.add_argument("--step", type=int, default=None, help="the step whose activation is pictured (default: the middle one)")

@@ -32,20 +32,20 @@ def _samples(calibration: Iterable) -> Iterator[tuple[tuple, dict]]:
 
 
 def quantize(model: torch.nn.Module, recipe: str | os.PathLike | Recipe, calibration: Iterable, *,
-             timestep_arg: str | None = "timestep", progress: bool = True) -> QuantizedModel:
+             step_arg: str | None = "timestep", progress: bool = True) -> QuantizedModel:
     """A quantized copy of ``model``; the original module is left untouched.
 
     ``calibration`` is an iterable of ``(args, kwargs)`` for ``model.forward`` — for a diffusion
     denoiser, the inputs over N prompts × T steps, e.g. :class:`lowbit.DenoiserInputStream`.
     It is read once, one sample at a time, so a stream or generator keeps memory constant.
-    ``timestep_arg`` names the forward argument that carries the diffusion timestep. ``recipe`` is
+    ``step_arg`` names the forward argument that carries the diffusion timestep. ``recipe`` is
     a built-in name, the path of a TOML recipe file, or a :class:`Recipe`.
     """
     recipe = get_recipe(recipe)
     samples = _samples(calibration)
     first = next(samples)
-    gm = capture(model, *first, timestep_arg=timestep_arg)
-    ctx = PassContext(precision=recipe.precision, timestep_arg=timestep_arg)
+    gm = capture(model, *first, step_arg=step_arg)
+    ctx = PassContext(precision=recipe.precision, step_arg=step_arg)
     prepare = Pipeline(recipe.phase_passes("rewrite", "observe"))
     decide = Pipeline(recipe.phase_passes("decide", "convert"))
     kept_samples = max((p.kept_samples for p in decide.passes), default=0)
@@ -56,7 +56,7 @@ def quantize(model: torch.nn.Module, recipe: str | os.PathLike | Recipe, calibra
         calibrating = tqdm(itertools.chain([first], samples), desc=f"calibrating {recipe.name}", disable=not progress, leave=False,
                            total=len(calibration) if isinstance(calibration, Sized) else None)
         for i, (args, kwargs) in enumerate(calibrating):
-            inputs = normalize_inputs(model, args, kwargs, timestep_arg)
+            inputs = normalize_inputs(model, args, kwargs, step_arg)
             signature.check(inputs, f"calibration sample {i}")
             gm(**inputs)
             if i < kept_samples:
@@ -64,4 +64,4 @@ def quantize(model: torch.nn.Module, recipe: str | os.PathLike | Recipe, calibra
             elif kept_samples and (slot := keep.integers(i + 1)) < kept_samples:
                 ctx.samples[slot] = inputs
     gm = decide.run(gm, ctx)
-    return QuantizedModel(gm, model, recipe, ctx.params, ctx.artifacts, timestep_arg, prepare.records + decide.records)
+    return QuantizedModel(gm, model, recipe, ctx.params, ctx.artifacts, step_arg, prepare.records + decide.records)

@@ -23,13 +23,13 @@ __all__ = ["QuantizedModel"]
 
 class QuantizedModel(torch.nn.Module):
     def __init__(self, graph_module: torch.fx.GraphModule, original: torch.nn.Module, recipe: Recipe,
-                 params: dict[str, OperandParams], artifacts: dict[str, Artifact], timestep_arg: str | None, records=()):
+                 params: dict[str, OperandParams], artifacts: dict[str, Artifact], step_arg: str | None, records=()):
         super().__init__()
         self.graph_module = graph_module
         self.recipe = recipe
         self.params = params
         self.artifacts = artifacts
-        self.timestep_arg = timestep_arg
+        self.step_arg = step_arg
         self.records = list(records)
         object.__setattr__(self, "_original", original)  # not a submodule: no duplicate weights in state_dict
 
@@ -43,7 +43,7 @@ class QuantizedModel(torch.nn.Module):
 
     def forward(self, *args, **kwargs) -> Any:
         return_dict = kwargs.pop("return_dict", True)
-        inputs = normalize_inputs(self._original, args, kwargs, self.timestep_arg)
+        inputs = normalize_inputs(self._original, args, kwargs, self.step_arg)
         self.signature.check(inputs, type(self._original).__name__)
         out = self.graph_module(**inputs)
         if return_dict or isinstance(out, tuple):

@@ -33,10 +33,10 @@ from lowbit.core.staging import staged_folder
 
 __all__ = ["FORMAT_VERSION", "SerializationError", "load", "save"]
 
-FORMAT_VERSION = 2  # 2: recipes list their passes; artifacts; a digest of every tensor
+FORMAT_VERSION = 3  # 2: recipes list their passes; artifacts; a digest of every tensor. 3: "step_arg", dynamic dims, tuples
 _META, _TENSORS = "lowbit.json", "params.safetensors"
 _ARTIFACT = "artifact:"
-_KEYS = ("model_class", "model_config", "model_weights", "recipe", "timestep_arg", "signature", "params", "artifacts",
+_KEYS = ("model_class", "model_config", "model_weights", "recipe", "step_arg", "signature", "params", "artifacts",
          "digests", "meta_digest")  # tensors of artifact NAME are saved as "artifact:NAME/<field>"
 
 
@@ -46,10 +46,12 @@ class SerializationError(ValueError):
 
 def _encode(value: Any, where: str) -> Any:
     if isinstance(value, TensorSpec):
-        return {"__tensor__": {"shape": list(value.shape), "dtype": value.dtype}}
+        return {"__tensor__": {"shape": list(value.shape), "dtype": value.dtype, "dynamic": list(value.dynamic)}}
     if isinstance(value, dict):
         return {k: _encode(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
+    if isinstance(value, tuple):  # kept apart from lists: the input check compares structures
+        return {"__tuple__": [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]}
+    if isinstance(value, list):
         return [_encode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
@@ -58,7 +60,10 @@ def _encode(value: Any, where: str) -> Any:
 
 def _decode(value: Any) -> Any:
     if isinstance(value, dict) and "__tensor__" in value:
-        return TensorSpec(tuple(value["__tensor__"]["shape"]), value["__tensor__"]["dtype"])
+        spec = value["__tensor__"]
+        return TensorSpec(tuple(spec["shape"]), spec["dtype"], tuple(spec.get("dynamic", ())))
+    if isinstance(value, dict) and "__tuple__" in value:
+        return tuple(_decode(v) for v in value["__tuple__"])
     if isinstance(value, dict):
         return {k: _decode(v) for k, v in value.items()}
     if isinstance(value, list):
@@ -104,7 +109,7 @@ def save(qmodel: QuantizedModel, path: str | os.PathLike, *, overwrite: bool = F
         "model_config": _config(qmodel.original),
         "model_weights": _weights_digest(qmodel.original),
         "recipe": qmodel.recipe.to_dict(),
-        "timestep_arg": qmodel.timestep_arg,
+        "step_arg": qmodel.step_arg,
         "signature": _encode(qmodel.signature.inputs, "inputs"),
         "params": {t: p.spec.to_dict() for t, p in qmodel.params.items()},
         "artifacts": artifacts,
@@ -205,9 +210,9 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
         recipe = Recipe.from_dict(meta["recipe"], f"{path / _META} (recipe)")
     except RecipeError as err:
         raise SerializationError(str(err)) from err
-    signature = InputSignature(_decode(meta["signature"]), meta["timestep_arg"])
-    gm = capture(model, (), signature.examples(batch=2), timestep_arg=signature.timestep_arg)
-    ctx = PassContext(precision=recipe.precision, timestep_arg=signature.timestep_arg, params=params, artifacts=artifacts)
+    signature = InputSignature(_decode(meta["signature"]), meta["step_arg"])
+    gm = capture(model, (), signature.examples(batch=2), step_arg=signature.step_arg)
+    ctx = PassContext(precision=recipe.precision, step_arg=signature.step_arg, params=params, artifacts=artifacts)
     gm = Pipeline(recipe.phase_passes("rewrite")).run(gm, ctx)
     expected = set()
     for node in gm.graph.nodes:
@@ -224,4 +229,4 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
         raise SerializationError(f"{path} does not fit this model: saved-only targets {extra}, unsaved targets {missing}")
     convert = Pipeline(recipe.phase_passes("convert"))
     gm = convert.run(gm, ctx)
-    return QuantizedModel(gm, model, recipe, params, artifacts, signature.timestep_arg, convert.records)
+    return QuantizedModel(gm, model, recipe, params, artifacts, signature.step_arg, convert.records)

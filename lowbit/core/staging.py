@@ -62,6 +62,10 @@ def check_output(path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     folder (nothing to lose), is replaced. Leftovers of killed runs beside the target are tidied first,
     since that may bring back an output that a killed swap had moved aside."""
     target = Path(path).resolve()
+    blocked = next((p for p in target.parents if p.exists() and not p.is_dir()), None)
+    if blocked is not None:
+        raise OutputExistsError(f"cannot write {path}: {blocked} is a file, not a folder; choose an output path whose "
+                                f"parents are folders")
     _clean_leftovers(target)
     if not os.path.lexists(target):
         return target

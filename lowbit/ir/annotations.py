@@ -32,9 +32,9 @@ OUTLIER_KEY = "lowbit.outlier_dim"  # dict: operand name -> OutlierDim
 
 Scheme = Literal["uniform", "log2"]
 Granularity = Literal["tensor", "channel", "token", "group"]
-Mode = Literal["static", "dynamic", "per_timestep"]
+Mode = Literal["static", "dynamic", "per_step"]
 LayerKind = Literal["linear", "conv2d", "attention"]
-AttentionKind = Literal["self", "cross", "joint"]
+AttentionKind = Literal["self", "cross", "joint", "cached"]
 
 MIN_BITS, MAX_BITS = 2.0, 16.0
 
@@ -67,7 +67,7 @@ class QuantSpec:
             raise ValueError(f"bits must lie in [{MIN_BITS:g}, {MAX_BITS:g}]; got {self.bits}")
         _check_choice("scheme", self.scheme, ("uniform", "log2"))
         _check_choice("granularity", self.granularity, ("tensor", "channel", "token", "group"))
-        _check_choice("mode", self.mode, ("static", "dynamic", "per_timestep"))
+        _check_choice("mode", self.mode, ("static", "dynamic", "per_step"))
         if self.granularity == "tensor" and self.axis is not None:
             raise ValueError("a per-tensor spec takes no axis")
         if self.granularity != "tensor" and self.axis is None:
@@ -176,7 +176,7 @@ class AttentionInfo:
     has_mask: bool = False
 
     def __post_init__(self) -> None:
-        _check_choice("kind", self.kind, ("self", "cross", "joint"))
+        _check_choice("kind", self.kind, ("self", "cross", "joint", "cached"))
         if len(self.key_sources) != len(self.key_lengths) or not self.key_sources:
             raise ValueError("key_sources and key_lengths must be non-empty and of equal length")
         if self.scale <= 0 or self.heads <= 0:

@@ -3,8 +3,13 @@
 ``torch.fx.symbolic_trace`` fails on every diffusers family (data-dependent control flow);
 ``torch.export.export(strict=False)`` captures all of them (DESIGN.md). The batch dimension is
 exported as dynamic (at a batch of at least 2, since export specialises a size of 1), so a module
-calibrated at any batch size also runs any other, classifier-free guidance's doubled batch included. Parameters keep their module paths (``transformer_blocks.3.attn2.to_q``)
-and each weighted node gets a :class:`LayerInfo`, so reports and recipes name layers as users do.
+calibrated at any batch size also runs any other, classifier-free guidance's doubled batch included.
+A model may name further dynamic dimensions in a ``dynamic_dims`` attribute: VAR's step takes
+each scale's tokens and a KV cache that grows by scale, and one graph with symbolic token and
+cache lengths serves every scale (DESIGN: one graph, keyed by step, rather than a graph per scale:
+the parameters, passes and saved model stay one; the phone export specialises it per scale).
+Parameters keep their module paths (``transformer_blocks.3.attn2.to_q``) and each weighted node
+gets a :class:`LayerInfo`, so reports and recipes name layers as users do.
 """
 
 from __future__ import annotations
@@ -36,10 +41,13 @@ class CaptureError(RuntimeError):
 
 @dataclass(frozen=True)
 class TensorSpec:
-    """Shape and dtype of one tensor input; ``None`` marks the (dynamic) batch dimension."""
+    """Shape and dtype of one tensor input; ``None`` marks the (dynamic) batch dimension, and
+    ``dynamic`` lists the other dimensions that may change between calls (a VAR scale's token
+    count), whose entry in ``shape`` is the size captured."""
 
     shape: tuple[int | None, ...]
     dtype: str
+    dynamic: tuple[int, ...] = ()
 
     def example(self, batch: int = 1) -> torch.Tensor:
         shape = tuple(batch if d is None else d for d in self.shape)
@@ -47,10 +55,12 @@ class TensorSpec:
         return torch.zeros(shape, dtype=dtype) if not dtype.is_floating_point else torch.randn(shape, dtype=dtype)
 
     def accepts(self, t: torch.Tensor) -> bool:
-        return t.dim() == len(self.shape) and all(d is None or d == s for d, s in zip(self.shape, t.shape))
+        return t.dim() == len(self.shape) and all(d is None or i in self.dynamic or d == s
+                                                  for i, (d, s) in enumerate(zip(self.shape, t.shape)))
 
     def describe(self) -> str:
-        return "(" + ", ".join("B" if d is None else str(d) for d in self.shape) + f") {self.dtype}"
+        dims = ("B" if d is None else "*" if i in self.dynamic else str(d) for i, d in enumerate(self.shape))
+        return "(" + ", ".join(dims) + f") {self.dtype}"
 
 
 @dataclass(frozen=True)
@@ -58,7 +68,7 @@ class InputSignature:
     """The inputs a graph was captured with: a pytree of TensorSpecs and plain constants."""
 
     inputs: dict[str, Any]
-    timestep_arg: str | None
+    step_arg: str | None
 
     def examples(self, batch: int = 1) -> dict[str, Any]:
         return pytree.tree_map(lambda s: s.example(batch) if isinstance(s, TensorSpec) else s, self.inputs)
@@ -81,8 +91,8 @@ class InputSignature:
                     shape = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
                     raise ValueError(
                         f"{where}: argument {name!r} has shape {shape}, but the model was captured with "
-                        f"{want.describe()}; only the batch dimension (B) may change. Calibrate with "
-                        f"inputs of the shape you will run."
+                        f"{want.describe()}; only the batch dimension (B) and those marked * may change. "
+                        f"Calibrate with inputs of the shape you will run."
                     )
 
 
@@ -98,32 +108,62 @@ def _bound_arguments(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[
     return out
 
 
-def normalize_inputs(model: torch.nn.Module, args: tuple, kwargs: dict | None, timestep_arg: str | None) -> dict[str, Any]:
+def normalize_inputs(model: torch.nn.Module, args: tuple, kwargs: dict | None, step_arg: str | None) -> dict[str, Any]:
     """All inputs as keyword arguments in one canonical form.
 
     ``None`` arguments and ``return_dict`` are dropped (the graph always returns a tuple), and the
     timestep becomes a float tensor of shape (batch,), so a diffusers pipeline that passes a
     Python int, a 0-d tensor or a (batch,) tensor reaches the same graph.
     """
-    out = {k: v for k, v in _bound_arguments(model, tuple(args), dict(kwargs or {})).items() if v is not None and k != "return_dict"}
-    if timestep_arg is not None and timestep_arg in out:
+    kwargs = {k: v for k, v in (kwargs or {}).items() if k != "return_dict"}  # also for models that take none
+    out = {k: v for k, v in _bound_arguments(model, tuple(args), kwargs).items() if v is not None}
+    if step_arg is not None and step_arg in out:
         first = next((v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
         batch = first.shape[0] if first is not None else 1
-        t = torch.as_tensor(out[timestep_arg]).float().reshape(-1)
+        t = torch.as_tensor(out[step_arg]).float().reshape(-1)
         if t.numel() == 1:
             t = t.expand(batch).clone()
-        out[timestep_arg] = t
+        out[step_arg] = t
     return out
 
 
-def _signature_of(kwargs: dict[str, Any], batch: int, timestep_arg: str | None) -> InputSignature:
-    def spec(v):
-        if not isinstance(v, torch.Tensor):
-            return v
-        shape = tuple(None if (i == 0 and v.dim() > 0 and s == batch) else s for i, s in enumerate(v.shape))
-        return TensorSpec(shape, str(v.dtype).removeprefix("torch."))
+def _dynamic_dims(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
+    """A model's ``dynamic_dims``: argument name -> the dimensions (besides the batch) of every
+    tensor in that argument that change between calls, e.g. a VAR step's token and cache lengths."""
+    dims = getattr(model, "dynamic_dims", {})
+    if not all(isinstance(v, tuple) and all(isinstance(d, int) and d > 0 for d in v) for v in dims.values()):
+        raise CaptureError(f"{type(model).__name__}.dynamic_dims must map argument names to tuples of dimensions > 0; got {dims}")
+    return dims
 
-    return InputSignature(pytree.tree_map(spec, kwargs), timestep_arg)
+
+def _per_argument(kwargs: dict[str, Any], fn) -> dict[str, Any]:
+    """``fn(name, tensor)`` applied to every tensor leaf, by top-level argument name."""
+    return {k: pytree.tree_map(lambda v, k=k: fn(k, v) if isinstance(v, torch.Tensor) else v, v) for k, v in kwargs.items()}
+
+
+def _signature_of(kwargs: dict[str, Any], batch: int, step_arg: str | None, dynamic: dict[str, tuple[int, ...]]) -> InputSignature:
+    def spec(name: str, v: torch.Tensor) -> TensorSpec:
+        shape = tuple(None if (i == 0 and v.dim() > 0 and s == batch) else s for i, s in enumerate(v.shape))
+        return TensorSpec(shape, str(v.dtype).removeprefix("torch."), dynamic.get(name, ()))
+
+    return InputSignature(_per_argument(kwargs, spec), step_arg)
+
+
+def _export_example(kwargs: dict[str, Any], batch: int, dynamic: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Inputs that torch.export traces with every dynamic size at 2 or more: it specialises sizes 0
+    and 1 (a batch of one, a VAR's first scale of one token and an empty cache). Values do not
+    matter to the trace, only shapes, so such a dimension is padded by repetition or with zeros."""
+    def grow(name: str, v: torch.Tensor) -> torch.Tensor:
+        if v.dim() and v.shape[0] == batch == 1:
+            v = torch.cat([v, v])
+        for d in dynamic.get(name, ()):
+            if v.shape[d] < 2:
+                pad = list(v.shape)
+                pad[d] = 2 - v.shape[d]
+                v = torch.cat([v, torch.ones(pad, dtype=v.dtype)], dim=d)
+        return v
+
+    return _per_argument(kwargs, grow)
 
 
 @contextmanager
@@ -150,6 +190,16 @@ def _module_tracker(model: torch.nn.Module):
             h.remove()
 
 
+def _check_no_float64(model: torch.nn.Module, kwargs: dict[str, Any]) -> None:
+    """float64 inputs to a float32 model (data from numpy) would fail deep inside the export."""
+    if any(p.dtype == torch.float64 for p in model.parameters()):
+        return
+    for name, value in kwargs.items():
+        if any(isinstance(v, torch.Tensor) and v.dtype == torch.float64 for v in pytree.tree_leaves(value)):
+            raise CaptureError(f"input {name!r} is float64 but {type(model).__name__}'s parameters are not: cast the "
+                               f"calibration inputs to the model's dtype (e.g. x.float()) before quantizing")
+
+
 def unique_path(path: str, seen: set[str]) -> str:
     """``path`` for a module's first call, ``path@1``, ``path@2``... for later calls (shared weights)."""
     unique, k = path, 0
@@ -166,23 +216,25 @@ def module_path(node: torch.fx.Node) -> str:
     return list(stack.values())[-1][0] if stack else ""
 
 
-def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, timestep_arg: str | None = "timestep") -> torch.fx.GraphModule:
+def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, step_arg: str | None = "timestep") -> torch.fx.GraphModule:
     """Export ``model`` on example inputs and return its aten-level GraphModule.
 
     The GraphModule shares parameter storage with ``model``; passes never modify parameters in
     place, so the original model stays untouched. Its ``meta[SIGNATURE_KEY]`` holds the
     :class:`InputSignature` that calls must match.
     """
-    kw = normalize_inputs(model, args, kwargs, timestep_arg)
+    kw = normalize_inputs(model, args, kwargs, step_arg)
     first = next((v for v in pytree.tree_leaves(kw) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
     if first is None:
         raise CaptureError(f"{type(model).__name__}: no tensor input with a batch dimension among {sorted(kw)}")
     batch = first.shape[0]
-    dynamic = pytree.tree_map(lambda v: {0: Dim.AUTO} if isinstance(v, torch.Tensor) and v.dim() > 0 else None, kw)
-    example = kw
-    if batch == 1:  # torch.export specialises sizes 0 and 1: capture at batch 2 so that the batch stays dynamic
-        example = pytree.tree_map(lambda v: torch.cat([v, v]) if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape[0] == 1
-                                  else v, kw)
+    _check_no_float64(model, kw)
+    dims = _dynamic_dims(model)
+    unknown = set(dims) - set(kw)
+    if unknown:
+        raise CaptureError(f"{type(model).__name__}.dynamic_dims names {sorted(unknown)}, which are not among its inputs {sorted(kw)}")
+    dynamic = _per_argument(kw, lambda name, v: {d: Dim.AUTO for d in ((0,) if v.dim() else ()) + dims.get(name, ())} or None)
+    example = _export_example(kw, batch, dims)
     was_training = model.training
     model.eval()
     try:
@@ -206,5 +258,5 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         kind = _WEIGHTED.get(node.target)
         if kind and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
             node.meta[LAYER_KEY] = LayerInfo(path=unique_path(node.args[1].target.rsplit(".", 1)[0], seen), kind=kind)
-    gm.meta[SIGNATURE_KEY] = _signature_of(kw, batch, timestep_arg)
+    gm.meta[SIGNATURE_KEY] = _signature_of(kw, batch, step_arg, dims)
     return gm

@@ -18,13 +18,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowbit.ir.schema import FakeQuant, Log2FakeQuant, OpSchema, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
+from lowbit.ir.schema import DynamicParams, FakeQuant, Log2FakeQuant, OpSchema, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 
 __all__ = [
     "REFERENCES",
     "attention_probs",
     "attention_reference",
+    "asymmetric_params",
     "conv2d_reference",
+    "dynamic_params",
     "linear_reference",
     "quantize_probs",
     "timestep_row",
@@ -33,6 +35,7 @@ __all__ = [
 ]
 
 _TINY = 1e-30
+_EPS = 1e-8  # the smallest quantization scale
 
 
 def uniform_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
@@ -47,6 +50,23 @@ def log2_quantize(x: Tensor, scale: Tensor, levels: int) -> Tensor:
     xf = x.float().clamp_min(_TINY)
     q = torch.clamp(torch.round(-torch.log2(xf / scale)), 0, levels - 1)
     return (scale * torch.exp2(-q)).to(x.dtype)
+
+
+def asymmetric_params(lo: Tensor, hi: Tensor, qmin: int, qmax: int) -> tuple[Tensor, Tensor]:
+    """Scale and zero point mapping [lo, hi] onto [qmin, qmax]; the range is widened to hold 0
+    exactly (padding, ReLU zeros) and the scale kept above a floor (a constant tensor)."""
+    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)
+    scale = ((hi - lo) / (qmax - qmin)).clamp_min(_EPS)
+    return scale, torch.clamp(torch.round(qmin - lo / scale), qmin, qmax)
+
+
+def dynamic_params(x: Tensor, qmin: int, qmax: int, per_token: bool, field: str) -> Tensor:
+    """LiteVAR's dynamic min-max: the asymmetric scale or zero point of ``x`` per token (last axis
+    reduced, kept as size 1) or per tensor, from the values themselves."""
+    xf = x.float()
+    lo, hi = (xf.amin(-1, keepdim=True), xf.amax(-1, keepdim=True)) if per_token else (xf.amin(), xf.amax())
+    scale, zero_point = asymmetric_params(lo, hi, qmin, qmax)
+    return scale if field == "scale" else zero_point
 
 
 def timestep_row(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tensor:
@@ -199,6 +219,7 @@ def _define(schema: type[OpSchema], reference: Callable[..., Tensor], body: Call
 
 _define(FakeQuant, uniform_quantize)
 _define(Log2FakeQuant, log2_quantize)
+_define(DynamicParams, dynamic_params)
 _define(SelectTimestep, timestep_row, _select_timestep)
 _define(QuantizedLinear, linear_reference)
 _define(QuantizedConv2d, conv2d_reference)

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from lowbit.ir.annotations import QuantSpec
+from lowbit.ir.ops import asymmetric_params
 
 __all__ = ["PARAMS", "OperandParams", "asymmetric", "target_name"]
 
@@ -23,14 +24,9 @@ def target_name(layer: str, operand: str) -> str:
     return f"{layer}:{operand}"
 
 
-_EPS = 1e-8
-
-
 def asymmetric(lo: torch.Tensor, hi: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
-    lo, hi = lo.clamp_max(0.0), hi.clamp_min(0.0)  # the range must hold 0 exactly (padding, ReLU zeros)
-    scale = ((hi - lo) / (spec.qmax - spec.qmin)).clamp_min(_EPS)
-    zero_point = torch.clamp(torch.round(spec.qmin - lo / scale), spec.qmin, spec.qmax)
-    return scale, zero_point
+    """Scale and zero point of ``spec``'s grid over [lo, hi] (held to contain 0)."""
+    return asymmetric_params(lo, hi, spec.qmin, spec.qmax)
 
 
 @dataclass
@@ -51,7 +47,7 @@ class OperandParams:
     def __post_init__(self) -> None:
         if self.scale.shape != self.zero_point.shape:
             raise ValueError(f"scale {tuple(self.scale.shape)} and zero point {tuple(self.zero_point.shape)} differ in shape")
-        if self.spec.mode == "per_timestep":
+        if self.spec.mode == "per_step":
             if self.timesteps is None or self.timesteps.dim() != 1 or self.scale.shape[0] != self.timesteps.numel():
                 raise ValueError("per-timestep parameters need one scale row per calibrated timestep")
         if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():

@@ -18,7 +18,7 @@ from lowbit.ir.annotations import MAX_BITS, MIN_BITS
 
 __all__ = ["LayerOverride", "LayerPrecision", "Precision", "PrecisionError"]
 
-ActivationMode = Literal["static", "per_timestep"]
+ActivationMode = Literal["static", "per_step", "dynamic"]
 AttentionScheme = Literal["uniform", "log2"]
 
 
@@ -39,14 +39,15 @@ class LayerOverride:
     weight_bits: float | None = None
     activation_bits: float | None = None
     attention_bits: float | None = None
+    qkv_bits: float | None = None
     keep_float: bool | None = None  # "float" in TOML
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "activation_bits", "attention_bits"):
+        for name in ("weight_bits", "activation_bits", "attention_bits", "qkv_bits"):
             _check_bits(f'layers."{self.pattern}".{name}', getattr(self, name))
         if not self.settings():
             raise PrecisionError(f'layers."{self.pattern}" sets nothing: give weight_bits, activation_bits, '
-                                 f"attention_bits or float")
+                                 f"attention_bits, qkv_bits or float")
 
     def settings(self) -> dict:
         """The fields this table sets, by attribute name."""
@@ -60,6 +61,7 @@ class LayerPrecision:
     weight_bits: float
     activation_bits: float
     attention_bits: float
+    qkv_bits: float
     keep_float: bool | None  # None: not said, the recipe's keep_io_layers decides
     set_by: tuple[str, ...] = ()
 
@@ -69,8 +71,11 @@ class Precision:
     """The recipe's precision: defaults for every layer, then the per-layer overrides in order.
 
     ``attention_bits`` None quantizes attention probabilities at the activation bit-width (DGQ's
-    setting). ``activation_mode`` "per_timestep" keeps one activation range per calibrated step
-    (TFMQ-DM, DGQ eq. 7). ``keep_io_layers`` keeps the model's first and last weighted layers in
+    setting), ``qkv_bits`` None the attention's Q, K and V (LiteVAR's "QKV" column sets them apart);
+    ``quantize_probs`` False leaves the probabilities alone (LiteVAR). ``activation_mode``
+    "per_step" keeps one activation range per calibrated step (TFMQ-DM, DGQ eq. 7); "dynamic"
+    takes each range from the tensor at run time (LiteVAR §4: min-max per token for linear inputs,
+    Q and K; per tensor for V), so it needs no calibration but has no form on the phone's HTP. ``keep_io_layers`` keeps the model's first and last weighted layers in
     floating point (Q-Diffusion and DGQ do). ``attention_scheme`` "log2" is DGQ eq. 2 for the
     probabilities; ``dynamic_attention_scale`` takes their scale from the tensor at run time (eq. 8).
     """
@@ -78,20 +83,23 @@ class Precision:
     weight_bits: float
     activation_bits: float
     attention_bits: float | None = None
-    activation_mode: ActivationMode = "per_timestep"
+    qkv_bits: float | None = None
+    activation_mode: ActivationMode = "per_step"
     quantize_attention: bool = True
+    quantize_probs: bool = True
     keep_io_layers: bool = True
     attention_scheme: AttentionScheme = "uniform"
     dynamic_attention_scale: bool = False
     layers: tuple[LayerOverride, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("weight_bits", "activation_bits", "attention_bits"):
+        for name in ("weight_bits", "activation_bits", "attention_bits", "qkv_bits"):
             _check_bits(name, getattr(self, name))
         object.__setattr__(self, "layers", tuple(self.layers))
 
     def default(self) -> LayerPrecision:
-        return LayerPrecision(self.weight_bits, self.activation_bits, self.attention_bits or self.activation_bits, None)
+        return LayerPrecision(self.weight_bits, self.activation_bits, self.attention_bits or self.activation_bits,
+                              self.qkv_bits or self.activation_bits, None)
 
     def resolve(self, path: str) -> LayerPrecision:
         """The settings of the layer at ``path``: defaults, then each matching override in order."""
@@ -99,8 +107,9 @@ class Precision:
         for override in self.layers:
             if fnmatch.fnmatchcase(path, override.pattern):
                 changes = override.settings()
-                if override.attention_bits is None and override.activation_bits is not None and self.attention_bits is None:
-                    changes["attention_bits"] = override.activation_bits  # probabilities follow the activations
+                for follower in ("attention_bits", "qkv_bits"):  # unless set apart, they follow the activations
+                    if getattr(override, follower) is None and override.activation_bits is not None and getattr(self, follower) is None:
+                        changes[follower] = override.activation_bits
                 out = replace(out, **changes, set_by=out.set_by + (override.pattern,))
         return out
 

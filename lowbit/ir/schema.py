@@ -23,7 +23,7 @@ import torch.fx
 from torch import Tensor
 
 __all__ = [
-    "SCHEMAS", "FakeQuant", "Log2FakeQuant", "OpSchema", "QuantizedAttention", "QuantizedConv2d", "QuantizedLinear",
+    "SCHEMAS", "DynamicParams", "FakeQuant", "Log2FakeQuant", "OpSchema", "QuantizedAttention", "QuantizedConv2d", "QuantizedLinear",
     "SelectTimestep", "schema_class", "schema_of",
 ]
 
@@ -142,6 +142,29 @@ class Log2FakeQuant(OpSchema):
 
 
 @dataclass(frozen=True)
+class DynamicParams(OpSchema):
+    """The asymmetric ``field`` ("scale" or "zero_point") of [qmin, qmax] over the min-max range of
+    ``x`` itself, computed at run time (LiteVAR's dynamic quantization): one per token (each vector
+    along the last axis; output (..., 1)) or one for the whole tensor (output 0-d)."""
+
+    NAME: ClassVar[str] = "dynamic_params"
+    x: Tensor
+    qmin: int
+    qmax: int
+    per_token: bool
+    field: str
+
+    def __post_init__(self) -> None:
+        _check_range(self.NAME, self.qmin, self.qmax)
+        if self.field not in ("scale", "zero_point"):
+            raise ValueError(f"{self.NAME}: field must be 'scale' or 'zero_point', got {self.field!r}")
+
+    def empty_output(self) -> Tensor:
+        shape = (*self.x.shape[:-1], 1) if self.per_token else ()
+        return self.x.new_empty(shape, dtype=torch.float32)
+
+
+@dataclass(frozen=True)
 class SelectTimestep(OpSchema):
     """The row of a per-step parameter ``table`` for the calibrated step nearest to ``timestep``."""
 
@@ -249,8 +272,8 @@ class QuantizedAttention(OpSchema):
         return self.q.new_empty((*self.q.shape[:-1], self.v.shape[-1]))
 
 
-SCHEMAS: tuple[type[OpSchema], ...] = (FakeQuant, Log2FakeQuant, SelectTimestep, QuantizedLinear, QuantizedConv2d,
-                                        QuantizedAttention)
+SCHEMAS: tuple[type[OpSchema], ...] = (FakeQuant, Log2FakeQuant, DynamicParams, SelectTimestep, QuantizedLinear,
+                                        QuantizedConv2d, QuantizedAttention)
 
 
 def schema_class(node: torch.fx.Node) -> type[OpSchema] | None:

@@ -19,7 +19,7 @@ from typing import Literal
 import torch
 from torch import Tensor
 
-__all__ = ["CalibrationError", "Layout", "ObservationStore", "RangeStatistics", "spread", "timestep_key"]
+__all__ = ["CalibrationError", "Layout", "ObservationStore", "RangeStatistics", "spread", "step_key"]
 
 Layout = Literal["channels_last", "channels_first"]
 
@@ -28,7 +28,7 @@ class CalibrationError(ValueError):
     """Calibration met data it cannot use (NaN/Inf, inconsistent shapes); names node and timestep."""
 
 
-def timestep_key(value: float) -> float:
+def step_key(value: float) -> float:
     """Timesteps as dictionary keys: floats rounded so 999 and 999.0000001 coincide."""
     return round(float(value), 4)
 
@@ -85,6 +85,11 @@ class RangeStatistics:
             self.count + other.count,
         )
 
+    def tokens_collapsed(self) -> RangeStatistics:
+        """The same statistics with all tokens taken as one."""
+        return RangeStatistics(self.channel_min, self.channel_max, self.token_min.amin().reshape(1),
+                               self.token_max.amax().reshape(1), self.count)
+
     @property
     def min(self) -> float:
         return float(self.channel_min.min())
@@ -106,7 +111,7 @@ class ObservationStore:
 
     def add(self, target: str, timestep: float, observed: RangeStatistics) -> None:
         per_t = self.stats.setdefault(target, {})
-        key = timestep_key(timestep)
+        key = step_key(timestep)
         per_t[key] = per_t[key].merge(observed) if key in per_t else observed
 
     def merge(self, other: ObservationStore) -> ObservationStore:
@@ -120,8 +125,11 @@ class ObservationStore:
         return sorted(self.stats.get(target, {}))
 
     def overall(self, target: str) -> RangeStatistics:
-        """Statistics of a target over all timesteps."""
+        """Statistics of a target over all steps. Where the token count changes from step to step
+        (VAR's scales) a token has no identity across steps, so the token statistics collapse to one."""
         per_t = list(self.stats[target].values())
+        if len({s.token_min.shape for s in per_t}) > 1:
+            per_t = [s.tokens_collapsed() for s in per_t]
         out = per_t[0]
         for observed in per_t[1:]:
             out = out.merge(observed)

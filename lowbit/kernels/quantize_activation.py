@@ -3,8 +3,10 @@
 A W8A8 layer is only as fast as the pass that quantizes its input, so that pass is one kernel
 reading x once (twice per row for the dynamic per-token absmax) and writing int8:
 
-- ``quantize_per_token``: dynamic symmetric, one scale per row = absmax / 127 (LiteVAR's dynamic
-  min-max, per token).
+- ``quantize_per_token``: dynamic symmetric, one scale per row = absmax / 127.
+- ``quantize_dynamic``: dynamic asymmetric, one (scale, zero point) per row from the row's own
+  min-max (LiteVAR's dynamic quantization, ``lowbit.dynamic_params``): the range, then the codes,
+  in one kernel.
 - ``quantize_static``: lowbit's static asymmetric activations (DGQ eq. 1, per tensor, per
   timestep, or per row for token groups). lowbit's codes are unsigned, q in [qmin, qmax] within
   [0, 255]; they are stored as the int8 q - 128, so the GEMMs take the zero point z - 128.
@@ -21,9 +23,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from lowbit.kernels.common import TINY, interpreting, UINT8_OFFSET, affine_code, per_row
+from lowbit.kernels.common import TINY, interpreting, UINT8_OFFSET, affine_code, per_row, rint
 
 __all__ = [
+    "quantize_dynamic",
     "quantize_gathered",
     "quantize_per_token",
     "quantize_per_token_reference",
@@ -32,6 +35,7 @@ __all__ = [
 ]
 
 _TINY = tl.constexpr(TINY)
+_EPS = tl.constexpr(1e-8)  # the smallest scale, as lowbit.ir.ops
 _OFFSET = tl.constexpr(float(UINT8_OFFSET))
 
 
@@ -57,6 +61,31 @@ def _per_token_kernel(x_ptr, q_ptr, scale_ptr, M, K, stride_xm, stride_qm,
         mask = rows[:, None] & (offs_k[None, :] < K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
         q = affine_code(x, scale[:, None], 0.0, -127.0, 127.0)
+        tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(tl.int8), mask=mask)
+
+
+@triton.jit
+def _dynamic_kernel(x_ptr, q_ptr, scale_ptr, zp_ptr, M, K, stride_xm, stride_qm, qmin, qmax,
+                    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = offs_m < M
+    lo = tl.zeros((BLOCK_M,), tl.float32)  # starting at 0 keeps 0 in the range, as the reference's clamps do
+    hi = tl.zeros((BLOCK_M,), tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = rows[:, None] & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        lo = tl.minimum(lo, tl.min(x, axis=1))
+        hi = tl.maximum(hi, tl.max(x, axis=1))
+    scale = tl.maximum(tl.div_rn(hi - lo, qmax - qmin), _EPS)
+    zp = tl.minimum(tl.maximum(rint(qmin - tl.div_rn(lo, scale)), qmin), qmax)
+    tl.store(scale_ptr + offs_m, scale, mask=rows)
+    tl.store(zp_ptr + offs_m, zp, mask=rows)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask = rows[:, None] & (offs_k[None, :] < K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask, other=0.0).to(tl.float32)
+        q = affine_code(x, scale[:, None], zp[:, None], qmin, qmax) - _OFFSET
         tl.store(q_ptr + offs_m[:, None] * stride_qm + offs_k[None, :], q.to(tl.int8), mask=mask)
 
 
@@ -107,6 +136,23 @@ def quantize_per_token(x: Tensor) -> tuple[Tensor, Tensor]:
         _per_token_kernel[(triton.cdiv(m, block_m),)](x, q, scale, m, k, x.stride(0), q.stride(0),
                                                        BLOCK_M=block_m, BLOCK_K=block_k)
     return q, scale
+
+
+def quantize_dynamic(x: Tensor, qmin: int = 0, qmax: int = 255) -> tuple[Tensor, Tensor, Tensor]:
+    """x [M, K] float -> (codes int8 [M, K] stored as q - 128, scale [M], zero point [M]), each row on
+    its own min-max range (held to contain 0): exactly ``lowbit.ir.ops.dynamic_params`` and the
+    uniform quantizer, in one kernel."""
+    x = _check_input(x)
+    _check_range(qmin, qmax)
+    m, k = x.shape
+    q = torch.empty((m, k), dtype=torch.int8, device=x.device)
+    scale = torch.empty((m,), dtype=torch.float32, device=x.device)
+    zp = torch.empty((m,), dtype=torch.float32, device=x.device)
+    if m:
+        block_m, block_k = _tiles()
+        _dynamic_kernel[(triton.cdiv(m, block_m),)](x, q, scale, zp, m, k, x.stride(0), q.stride(0), float(qmin), float(qmax),
+                                                     BLOCK_M=block_m, BLOCK_K=block_k)
+    return q, scale, zp
 
 
 def _launch_static(x: Tensor, scale: Tensor, zp: Tensor, strides: tuple[int, int], columns: Tensor | None,

@@ -44,7 +44,7 @@ class BackendOptions:
     recipe: Any = None
     calibration: Any = None
     target: str | None = None
-    timestep_arg: str | None = "timestep"
+    step_arg: str | None = "timestep"
 
     @classmethod
     def parse(cls, options: dict | None) -> BackendOptions:
@@ -142,7 +142,7 @@ def lowbit_backend(gm: torch.fx.GraphModule, example_inputs: list, options: dict
     if opts.recipe is not None:
         from lowbit.lowering.quantize_graph import quantize_dynamo_graph
 
-        graph = quantize_dynamo_graph(gm, example_inputs, opts.recipe, opts.calibration, opts.timestep_arg)
+        graph = quantize_dynamo_graph(gm, example_inputs, opts.recipe, opts.calibration, opts.step_arg)
         report = CompileReport(str(compile_id), translate(graph.graph_module, target, _translations(target)),
                                recompilation, quantized_here=True)
         compiled = compile_fx(graph.graph_module, graph.flat_inputs(example_inputs))

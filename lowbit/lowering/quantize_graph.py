@@ -154,7 +154,7 @@ class QuantizedDynamoGraph:
             for key in keys[:-1]:
                 slot = slot.setdefault(key, {})
             slot[keys[-1]] = value
-        return normalize_inputs(self.module, (), inputs, self.qmodel.timestep_arg)
+        return normalize_inputs(self.module, (), inputs, self.qmodel.step_arg)
 
     def flat_inputs(self, flat: list) -> list:
         return pytree.tree_leaves(((), self._inputs(flat)))
@@ -167,14 +167,14 @@ class QuantizedDynamoGraph:
 
 
 def quantize_dynamo_graph(gm: torch.fx.GraphModule, example_inputs: list, recipe: Any, calibration: Iterable,
-                          timestep_arg: str | None) -> QuantizedDynamoGraph:
+                          step_arg: str | None) -> QuantizedDynamoGraph:
     """Quantize ``gm`` with ``recipe``, calibrated on ``(args, kwargs)`` samples of the model's forward."""
     from lowbit.core.quantize import quantize
 
     module = _GraphAsModule(gm, example_inputs, _Frame.current())
     samples = [((), module.frame.keywords(i, tuple(a), dict(k), module.input_names)) for i, (a, k) in enumerate(calibration)]
     with torch._guards.tracing(None):  # capture with its own fake mode: nothing may leak into dynamo's guards
-        qmodel = quantize(module, recipe, samples, timestep_arg=timestep_arg, progress=False)
+        qmodel = quantize(module, recipe, samples, step_arg=step_arg, progress=False)
     qgm = qmodel.graph_module
     qgm.graph._codegen = torch.fx.graph.CodeGen()  # flat inputs and outputs, as inductor takes them
     qgm.recompile()

@@ -1,5 +1,8 @@
 """Triton target: quantized linears and log2 attention run lowbit's Triton kernels (lowbit.kernels).
 
+A linear whose input is quantized dynamically (LiteVAR: per-token min-max at run time) runs one
+fused kernel for range and codes and the W8A8 GEMM; its dynamic_params nodes go unread.
+
 The kernels are wrapped as custom ops in the ``lowbit_triton`` namespace, so inductor calls them
 as opaque kernels and compiles the rest of the graph (fake quantizers, norms, the reference
 arithmetic of anything the kernels do not cover) into its own fused Triton code. On a machine
@@ -18,12 +21,12 @@ import torch.fx
 from torch import Tensor
 
 from lowbit.ir.ops import attention_reference, linear_reference
-from lowbit.ir.schema import QuantizedAttention, QuantizedLinear
+from lowbit.ir.schema import DynamicParams, QuantizedAttention, QuantizedLinear, schema_class
 from lowbit.kernels.common import UINT8_OFFSET, PreparedWeight
 from lowbit.kernels.group_gemm import GroupedWeight, group_gemm, prepare_grouped_weight, quantize_grouped
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.log2_attention import log2_attention
-from lowbit.kernels.quantize_activation import quantize_static
+from lowbit.kernels.quantize_activation import quantize_dynamic, quantize_static
 from lowbit.lowering.cpu import CHANNEL_GROUPED, channel_groups, int8_form
 
 __all__ = ["TRITON_TRANSLATIONS"]
@@ -78,6 +81,38 @@ int8_linear = QuantizedLinear.define("lowbit_triton::int8_linear", _int8_linear)
 group_linear = QuantizedLinear.define("lowbit_triton::group_linear", _group_linear)
 
 
+@torch.library.custom_op("lowbit_triton::dynamic_int8_linear", mutates_args=())
+def dynamic_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, qmin: int, qmax: int) -> Tensor:
+    """LiteVAR's dynamic per-token activations + W8A8 GEMM: one kernel finds each row's min-max range
+    and writes its codes (``quantize_dynamic``), the GEMM applies the per-row parameters in its epilogue."""
+    rows = x.reshape(-1, x.shape[-1]).contiguous()
+    codes, scale, zero_point = quantize_dynamic(rows, qmin, qmax)
+    y = int8_gemm(codes, _prepared(weight, weight_scale), scale, zero_point - UINT8_OFFSET, bias, out_dtype=torch.float32)
+    return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
+
+
+@dynamic_int8_linear.register_fake
+def _(x, weight, weight_scale, bias, qmin, qmax):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _dynamic_kernel(**arguments) -> Tensor:
+    """The fused kernel in place of a quantized linear whose input parameters are computed from its
+    input: the dynamic_params nodes are left unread, and inductor drops them."""
+    op = QuantizedLinear(**arguments)
+    return torch.ops.lowbit_triton.dynamic_int8_linear.default(op.x, op.weight, op.weight_scale, op.bias, op.input_qmin,
+                                                                op.input_qmax)
+
+
+def _dynamic_per_token(op: QuantizedLinear) -> bool:
+    """Whether the input's scale and zero point are its own per-token min-max (DynamicParams of x)."""
+    sources = [op.input_scale, op.input_zero_point]
+    if not all(isinstance(n, torch.fx.Node) and schema_class(n) is DynamicParams for n in sources):
+        return False
+    params = [DynamicParams.from_call(*n.args, **n.kwargs) for n in sources]
+    return all(p.x is op.x and p.per_token and (p.qmin, p.qmax) == (op.input_qmin, op.input_qmax) for p in params)
+
+
 @torch.library.custom_op("lowbit_triton::log2_attention", mutates_args=())
 def log2_attention_op(q: Tensor, k: Tensor, v: Tensor, scale: float, levels: int, start_token: int,
                       probs_scale: Tensor | None) -> Tensor:
@@ -93,6 +128,8 @@ def _(q, k, v, scale, levels, start_token, probs_scale):
 def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     reason = int8_form(node)
     if reason is None:
+        if _dynamic_per_token(QuantizedLinear.of(node)):
+            return _dynamic_kernel, None
         return torch.ops.lowbit_triton.int8_linear.default, None
     if reason == CHANNEL_GROUPED:
         return torch.ops.lowbit_triton.group_linear.default, None

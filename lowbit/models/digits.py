@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["NAMES", "SEEN_TEMPLATES", "HELDOUT_TEMPLATES", "IMAGE_SIZE", "load_split", "prompts_for"]
+__all__ = ["NAMES", "SEEN_TEMPLATES", "HELDOUT_TEMPLATES", "IMAGE_SIZE", "label_of", "load_split", "prompts_for"]
 
 IMAGE_SIZE = 16
 SPLIT_SEED = 0
@@ -71,3 +71,16 @@ def prompts_for(label: int, which: str = "seen") -> list[str]:
     if templates is None:
         raise ValueError(f"which must be 'seen' or 'heldout', got {which!r}")
     return [t.format(w=NAMES[label], d=label) for t in templates]
+
+
+@lru_cache(maxsize=1)
+def _labels_by_prompt() -> dict[str, int]:
+    return {p: c for c in range(len(NAMES)) for which in ("seen", "heldout") for p in prompts_for(c, which)}
+
+
+def label_of(prompt: str) -> int:
+    """The class a prompt of ``prompts_for`` names: how class-conditional models read a prompt."""
+    label = _labels_by_prompt().get(prompt)
+    if label is None:
+        raise ValueError(f"{prompt!r} is not one of the digit prompts (lowbit.models.digits.prompts_for)")
+    return label

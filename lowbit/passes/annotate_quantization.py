@@ -38,15 +38,28 @@ def _io_layers(gm: torch.fx.GraphModule) -> set[str]:
     return {n.meta[LAYER_KEY].path for n in (first, weighted[-1]) if n is not None}
 
 
-def _specs(precision: Precision, layer: LayerPrecision, has_timestep: bool) -> tuple[QuantSpec, QuantSpec, QuantSpec]:
-    """(weight, activation, probabilities) specs of one layer. Per-step activation ranges fall
-    back to static ones in a graph without a step input."""
-    mode = precision.activation_mode if has_timestep else "static"
-    weight = QuantSpec(layer.weight_bits, granularity="channel", axis=0, symmetric=True)
-    activation = QuantSpec(layer.activation_bits, mode=mode)
-    probs = QuantSpec(layer.attention_bits, scheme=precision.attention_scheme,
-                      mode="dynamic" if precision.dynamic_attention_scale else mode)
-    return weight, activation, probs
+def _activation(bits: float, mode: str, per_token: bool) -> QuantSpec:
+    """A static or per-step range per tensor; a dynamic one per token (each vector along the last
+    axis, tokens along axis -2) or per tensor."""
+    if mode == "dynamic" and per_token:
+        return QuantSpec(bits, mode=mode, granularity="token", axis=-2)
+    return QuantSpec(bits, mode=mode)
+
+
+def _annotation(precision: Precision, layer: LayerPrecision, kind: str, has_step: bool) -> QuantAnnotation:
+    """One layer's annotation. Per-step activation ranges fall back to static ones in a graph
+    without a step input; dynamic ones quantize linear inputs, Q and K per token and V (and a
+    convolution's input) per tensor (LiteVAR §4)."""
+    mode = precision.activation_mode if has_step or precision.activation_mode == "dynamic" else "static"
+    if kind != "attention":
+        return QuantAnnotation(input=_activation(layer.activation_bits, mode, per_token=kind == "linear"),
+                               weight=QuantSpec(layer.weight_bits, granularity="channel", axis=0, symmetric=True))
+    probs = None
+    if precision.quantize_probs:
+        probs = QuantSpec(layer.attention_bits, scheme=precision.attention_scheme,
+                          mode="dynamic" if precision.dynamic_attention_scale or mode == "dynamic" else mode)
+    return QuantAnnotation(query=_activation(layer.qkv_bits, mode, per_token=True), key=_activation(layer.qkv_bits, mode, per_token=True),
+                           value=_activation(layer.qkv_bits, mode, per_token=False), probs=probs)
 
 
 class AnnotateQuantization(Pass):
@@ -63,21 +76,15 @@ class AnnotateQuantization(Pass):
         except PrecisionError as err:
             raise PassError(str(err)) from None
         io = _io_layers(gm) if precision.keep_io_layers else set()
-        has_timestep = any(n.op == "placeholder" and n.name == ctx.timestep_arg for n in gm.graph.nodes)
+        has_step = any(n.op == "placeholder" and n.name == ctx.step_arg for n in gm.graph.nodes)
         modified = False
         for node in layers:
             info = node.meta[LAYER_KEY]
             layer = precision.resolve(info.path)
             keep_float = layer.keep_float if layer.keep_float is not None else info.path in io
-            weight, activation, probs = _specs(precision, layer, has_timestep)
-            if keep_float:
-                annotation = None
-            elif info.kind == "attention":
-                if not precision.quantize_attention:
-                    continue
-                annotation = QuantAnnotation(query=activation, key=activation, value=activation, probs=probs)
-            else:
-                annotation = QuantAnnotation(input=activation, weight=weight)
+            if info.kind == "attention" and not precision.quantize_attention and not keep_float:
+                continue
+            annotation = None if keep_float else _annotation(precision, layer, info.kind, has_step)
             if node.meta.get(QUANT_KEY) != annotation:
                 if annotation is None:
                     node.meta.pop(QUANT_KEY, None)

@@ -49,7 +49,7 @@ class PassContext:
     """
 
     precision: Precision | None = None
-    timestep_arg: str | None = "timestep"
+    step_arg: str | None = "timestep"
     observations: ObservationStore = field(default_factory=ObservationStore)
     params: dict[str, OperandParams] = field(default_factory=dict)
     artifacts: dict[str, Artifact] = field(default_factory=dict)

@@ -6,8 +6,9 @@ softmax / bmm). Later passes — observers, the probability quantizers of DGQ eq
 start-token split, MDWA masks — all need the probability tensor, so both forms become the form
 documented in ``lowbit/ir/attention.py``. Each attention is annotated with an AttentionInfo:
 self (keys from the same tensor as queries), cross (keys from another input, the text tokens)
-or joint (keys concatenated from several inputs, as in SD3/FLUX), with the graph inputs the
-keys come from and their token counts.
+joint (keys concatenated from several inputs, as in SD3/FLUX) or cached (keys of earlier steps,
+graph inputs, followed by this call's own: VAR's KV cache), with the graph inputs the keys come
+from and their token counts (for a cache, the sizes at capture: they change from step to step).
 """
 
 from __future__ import annotations
@@ -60,7 +61,11 @@ def _describe_keys(q: torch.fx.Node, k: torch.fx.Node) -> tuple[str, tuple[str, 
     if cat is not None and cat.target == aten.cat.default:
         dim = cat.args[1] if len(cat.args) > 1 else 0
         parts = cat.args[0]
-        return "joint", tuple(_source(p) for p in parts), tuple(int(p.meta["val"].shape[dim]) for p in parts)
+        lengths = tuple(int(p.meta["val"].shape[dim]) for p in parts)
+        *earlier, new = parts
+        if earlier and all(p.op == "placeholder" for p in earlier) and _projection_input(new) is _projection_input(q):
+            return "cached", tuple(p.name for p in earlier) + (_source(new),), lengths
+        return "joint", tuple(_source(p) for p in parts), lengths
     tokens = int(k.meta["val"].shape[-2])
     k_in, q_in = _projection_input(k), _projection_input(q)
     same = k_in is q_in if k_in is not None else _source(k) == _source(q)

@@ -74,7 +74,7 @@ def activation_params(target: str, store: ObservationStore, spec: QuantSpec, exc
         raise PassError(f"no calibration statistics for {target}: was this layer executed by the calibration inputs?")
     if spec.granularity != "tensor":
         raise PassError(f"{target}: the baseline quantizes activations per tensor, not per {spec.granularity}")
-    per_t = spec.mode == "per_timestep"
+    per_t = spec.mode == "per_step"
     steps = store.timesteps(target) if per_t else []
     stats = [store.stats[target][t] for t in steps] if per_t else [store.overall(target)]
     lo, hi = (torch.tensor(v) for v in zip(*(_bounds(s, exclude_column) for s in stats)))

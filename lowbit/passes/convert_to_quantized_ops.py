@@ -2,8 +2,9 @@
 
 Linear and convolution nodes become ``lowbit.quantized_linear`` / ``lowbit.quantized_conv2d``
 with integer weights; each canonical attention becomes ``lowbit.fake_quant`` on Q, K, V and one
-``lowbit.quantized_attention``. Per-timestep parameters are stored as tables and picked by a
-``lowbit.select_timestep`` node from the graph's timestep input. Observers are removed, and full
+``lowbit.quantized_attention``. Per-step parameters are stored as tables and picked by a
+``lowbit.select_timestep`` node from the graph's step input; dynamic ones are computed from the
+tensor by ``lowbit.dynamic_params`` nodes. Observers are removed, and full
 precision weights that no node reads any more are dropped from the module. ``lowbit.load``
 runs this pass on a fresh capture with saved parameters, so it must only read ``ctx.params``.
 """
@@ -13,12 +14,12 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
+from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, LayerInfo, QuantSpec
 from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.graph_edit import erase_unused
 from lowbit.ir.observers import OBSERVERS
 from lowbit.ir.params import PARAMS, OperandParams, target_name
-from lowbit.ir.schema import FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
+from lowbit.ir.schema import DynamicParams, FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
 
 __all__ = ["ConvertToQuantizedOps"]
@@ -36,7 +37,7 @@ class _Emitter:
         if not hasattr(gm, PARAMS):
             gm.add_submodule(PARAMS, torch.nn.Module())
         self.holder = getattr(gm, PARAMS)
-        self.timestep = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == ctx.timestep_arg), None)
+        self.timestep = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == ctx.step_arg), None)
 
     def params(self, target: str) -> OperandParams:
         if target not in self.ctx.params:
@@ -50,13 +51,21 @@ class _Emitter:
         node.meta["val"] = value
         return node
 
-    def scale_and_zero_point(self, target: str) -> tuple[torch.fx.Node, torch.fx.Node]:
+    def scale_and_zero_point(self, target: str, x: torch.fx.Node, spec: QuantSpec, layer: LayerInfo) -> tuple[torch.fx.Node, torch.fx.Node]:
+        """The nodes giving ``x``'s quantization parameters: computed from ``x`` at run time (nodes
+        of ``layer``), a buffer, or a per-step table's row for the graph's step input."""
+        if spec.mode == "dynamic":
+            nodes = tuple(DynamicParams(x=x, qmin=spec.qmin, qmax=spec.qmax, per_token=spec.granularity == "token",
+                                        field=f).emit(self.gm.graph) for f in ("scale", "zero_point"))
+            for node in nodes:
+                node.meta[LAYER_KEY] = layer
+            return nodes
         p = self.params(target)
         scale, zero_point = self.buffer(target, "scale", p.scale), self.buffer(target, "zero_point", p.zero_point)
-        if p.spec.mode != "per_timestep":
+        if p.spec.mode != "per_step":
             return scale, zero_point
         if self.timestep is None:
-            raise PassError(f"{target} has per-timestep parameters but the graph has no '{self.ctx.timestep_arg}' input")
+            raise PassError(f"{target} has per-timestep parameters but the graph has no '{self.ctx.step_arg}' input")
         steps = self.buffer(target, "timesteps", p.timesteps)
         graph = self.gm.graph
         return (SelectTimestep(table=scale, timesteps=steps, timestep=self.timestep).emit(graph),
@@ -72,7 +81,7 @@ def _convert_weighted(em: _Emitter, node: torch.fx.Node) -> torch.fx.Node:
     weight = em.buffer(target_name(path, "weight"), "qvalues", w.qvalues)
     weight_scale = em.buffer(target_name(path, "weight"), "scale", w.scale)
     if annotation.input is not None:
-        s, z = em.scale_and_zero_point(target_name(path, "input"))
+        s, z = em.scale_and_zero_point(target_name(path, "input"), x, annotation.input, node.meta[LAYER_KEY])
         qmin, qmax = annotation.input.qmin, annotation.input.qmax
     else:
         s = z = None
@@ -94,14 +103,14 @@ def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
     for name, value in (("query", ops.q), ("key", ops.k), ("value", ops.v)):
         spec = getattr(annotation, name)
         if spec is not None:
-            s, z = em.scale_and_zero_point(target_name(path, name))
+            s, z = em.scale_and_zero_point(target_name(path, name), value, spec, probs.meta[LAYER_KEY])
             value = FakeQuant(x=value, scale=s, zero_point=z, qmin=spec.qmin, qmax=spec.qmax).emit(em.gm.graph)
             value.meta[LAYER_KEY] = probs.meta[LAYER_KEY]
         operands.append(value)
     spec = annotation.probs
     ps = pz = None
     if spec is not None and spec.mode != "dynamic":
-        ps, pz = em.scale_and_zero_point(target_name(path, "probs"))
+        ps, pz = em.scale_and_zero_point(target_name(path, "probs"), probs, spec, probs.meta[LAYER_KEY])
     scheme, qmin, qmax = (spec.scheme, spec.qmin, spec.qmax) if spec is not None else ("none", 0, 0)
     start = annotation.start_token if annotation.start_token is not None else -1
     dynamic = spec is not None and spec.mode == "dynamic"

@@ -78,7 +78,7 @@ class GroupActivations(Pass):
                     continue
                 dim = self._dimension(node, operand)
                 target = target_name(path, operand)
-                steps = ctx.observations.timesteps(target) if spec.mode == "per_timestep" else [None]
+                steps = ctx.observations.timesteps(target) if spec.mode == "per_step" else [None]
                 labels, scales, zero_points = [], [], []
                 for t in steps:
                     stats = ctx.observations.stats[target][t] if t is not None else ctx.observations.overall(target)
@@ -97,7 +97,7 @@ class GroupActivations(Pass):
                 grouped = QuantSpec.from_dict({**spec.to_dict(), "granularity": "group", "axis": axis,
                                                "groups": [list(row) for row in labels]})
                 stack = lambda rows: torch.stack(rows).reshape(len(rows), *shape)  # noqa: E731
-                if spec.mode == "per_timestep":
+                if spec.mode == "per_step":
                     ctx.params[target] = OperandParams(grouped, stack(scales), stack(zero_points),
                                                        timesteps=torch.tensor(steps, dtype=torch.float32))
                 else:

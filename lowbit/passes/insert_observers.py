@@ -31,7 +31,7 @@ class InsertObservers(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
-        timestep = next((n for n in graph.nodes if n.op == "placeholder" and n.name == ctx.timestep_arg), None)
+        timestep = next((n for n in graph.nodes if n.op == "placeholder" and n.name == ctx.step_arg), None)
         if not hasattr(gm, OBSERVERS):
             gm.add_submodule(OBSERVERS, torch.nn.Module())
         holder = getattr(gm, OBSERVERS)
@@ -43,7 +43,8 @@ class InsertObservers(Pass):
             info = node.meta[LAYER_KEY]
             consumer = parse_canonical_attention(node).output if info.kind == "attention" else node
             for operand, (value, layout) in activation_operands(node).items():
-                if getattr(annotation, operand) is None:
+                spec = getattr(annotation, operand)
+                if spec is None or spec.mode == "dynamic":  # nothing to calibrate: its range comes from itself
                     continue
                 target = target_name(info.path, operand)
                 name = f"obs{count}"

@@ -1,7 +1,8 @@
 """The built-in recipes: the TOML files in ``builtin/``, one per method, instantiated by name.
 
 ``<method>-w<W>a<A>`` is ``builtin/<method>.toml`` at W-bit weights and A-bit activations (any
-bit-widths in [2, 16]); ``-g<K>`` sets ``group_activations.groups`` for methods that group.
+bit-widths in [2, 16]); ``-g<K>`` sets ``group_activations.groups`` for methods that group, and
+``-qkv<B>`` the attention's Q, K and V bits (LiteVAR's third column).
 ``lowbit recipes --show NAME`` prints the resolved recipe, so a user reads exactly what it runs.
 """
 
@@ -15,13 +16,15 @@ from pathlib import Path
 
 from lowbit.recipes.recipe import Recipe, RecipeError
 
-__all__ = ["get_recipe", "recipes"]
+__all__ = ["LITEVAR_ROWS", "get_recipe", "litevar_name", "recipes"]
 
 BUILTIN = Path(__file__).parent / "builtin"
-_NAME = re.compile(r"(?P<method>[a-z0-9]+)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?")
+_NAME = re.compile(r"(?P<method>[a-z0-9]+)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?(?:-qkv(?P<qkv>\d+(?:\.\d+)?))?")
 # the names listed by lowbit.recipes(): the bit-widths the project's tables use
 _LISTED = {"minmax": ((4, 6, 8, 16), (4, 6, 8, 16)), "mse": ((4, 6, 8, 16), (4, 6, 8, 16)),
            "adaround": ((4, 6, 8, 16), (4, 6, 8, 16)), "dgq": ((4, 8), (6, 8))}
+# LiteVAR Tables 2 and 4: W/A/QKV
+LITEVAR_ROWS = ((16, 16, 16), (8, 8, 16), (8, 8, 8), (4, 8, 8), (6, 6, 8), (4, 6, 8), (4, 4, 8))
 _LISTED_GROUPS = (1, 2, 4, 8, 16)
 
 
@@ -42,6 +45,8 @@ def _instantiate(name: str) -> Recipe:
                           f"or give the path of a .toml recipe file")
     base = _method(match["method"])
     bits = {"weight_bits": float(match["w"]), "activation_bits": float(match["a"])}
+    if match["qkv"] is not None:
+        bits["qkv_bits"] = float(match["qkv"])
     recipe = dataclasses.replace(base, name=name, precision=dataclasses.replace(base.precision, **bits))
     if match["g"] is not None:
         step = next((s for s in recipe.passes if s.name == "group_activations"), None)
@@ -61,7 +66,12 @@ def recipes() -> list[str]:
                 names.append(f"{method}-w{w}a{a}")
                 if method == "dgq":
                     names += [f"{method}-w{w}a{a}-g{k}" for k in _LISTED_GROUPS]
-    return sorted(names)
+    return sorted(names + [litevar_name(*row) for row in LITEVAR_ROWS])
+
+
+def litevar_name(w: int, a: int, qkv: int) -> str:
+    """The built-in recipe of one LiteVAR W/A/QKV row (QKV at 8 bits needs no suffix)."""
+    return f"litevar-w{w}a{a}" + ("" if qkv == 8 else f"-qkv{qkv}")
 
 
 def get_recipe(recipe: str | os.PathLike | Recipe) -> Recipe:

@@ -63,6 +63,7 @@ STANDARD_PASSES = tuple(PassStep(n) for n in ("canonicalize_attention", "annotat
                                               "choose_quant_params", "convert_to_quantized_ops"))
 _PRECISION_FIELDS = {f.name: f for f in dataclasses.fields(Precision) if f.name != "layers"}
 _LAYER_FIELDS = {"weight_bits": "weight_bits", "activation_bits": "activation_bits", "attention_bits": "attention_bits",
+                 "qkv_bits": "qkv_bits",
                  "float": "keep_float"}  # TOML key -> LayerOverride attribute
 
 

@@ -111,13 +111,13 @@ def _size(model: torch.nn.Module) -> tuple[float, float]:
 
 
 @torch.no_grad()
-def cost(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, timestep_arg: str | None = "timestep") -> Cost:
+def cost(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *, step_arg: str | None = "timestep") -> Cost:
     """FLOPs and BOPs of one call of ``model`` (full precision or quantized) and its size in bytes."""
     if isinstance(model, QuantizedModel):
         gm, reference = model.graph_module, model.original
     else:
-        gm, reference = capture(model, args, kwargs, timestep_arg=timestep_arg), model
-    inputs = normalize_inputs(reference, args, kwargs, timestep_arg)
+        gm, reference = capture(model, args, kwargs, step_arg=step_arg), model
+    inputs = normalize_inputs(reference, args, kwargs, step_arg)
     counter = _Counter(gm)
     counter.run(*gm.graph._codegen.process_inputs((), inputs))
     return Cost(counter.flops, counter.bops, *_size(model))

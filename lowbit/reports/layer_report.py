@@ -92,7 +92,7 @@ def layer_report(qmodel: QuantizedModel, calibration: Iterable | None = None, ma
         for i, (args, kwargs) in enumerate(calibration or []):
             if i >= max_samples:
                 break
-            inputs = normalize_inputs(qmodel.original, args, kwargs, qmodel.timestep_arg)
+            inputs = normalize_inputs(qmodel.original, args, kwargs, qmodel.step_arg)
             probe.run(*codegen.process_inputs((), inputs))
     rows, seen = [], set()
     precision = qmodel.recipe.precision

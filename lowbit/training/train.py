@@ -1,4 +1,4 @@
-"""Train and ship the project's small models: `python -m lowbit.training.train reference|classifier`.
+"""Train and ship the project's small models: `python -m lowbit.training.train reference|classifier|var-tokenizer|var`.
 
 Fixed seeds, at most 2 CPU threads, and a wall-clock budget for the reference model (default 27
 minutes plus ~1 minute of evaluation), so anyone can rerun it on a 2-core CPU within 30 minutes;
@@ -26,6 +26,9 @@ from lowbit.models.classifier import WEIGHTS as CLASSIFIER_WEIGHTS
 from lowbit.models.classifier import DigitClassifier
 from lowbit.models.reference import CONFIG, DEFAULT_GUIDANCE, SCHEDULE, WEIGHTS as REFERENCE_WEIGHTS
 from lowbit.models.reference import build_reference_model, make_sampler, training_scheduler
+from lowbit.models.var import TOKENIZER_WEIGHTS, VAR_WEIGHTS
+from lowbit.training.steps import learning_rate, optimizer_step, shift
+from lowbit.training.train_var import train_tokenizer, train_var
 
 __all__ = ["train_classifier", "train_reference", "main"]
 
@@ -44,12 +47,6 @@ def _write(path, state: dict[str, torch.Tensor], info: dict) -> None:
     print(f"wrote {path} and {path.with_suffix('.json').name}")
 
 
-def _shift(x: torch.Tensor, max_shift: int = 1) -> torch.Tensor:
-    """Random integer translations: makes the classifier robust to off-centre generated digits."""
-    dx, dy = (random.randint(-max_shift, max_shift) for _ in range(2))
-    return torch.roll(x, shifts=(dy, dx), dims=(-2, -1))
-
-
 def train_classifier(epochs: int = 30, batch: int = 64, lr: float = 2e-3) -> dict:
     _seed_everything()
     x, y = digits.load_split("train")
@@ -61,7 +58,7 @@ def train_classifier(epochs: int = 30, batch: int = 64, lr: float = 2e-3) -> dic
     for _ in range(epochs):
         model.train()
         for idx in torch.randperm(len(x)).split(batch):
-            loss = F.cross_entropy(model(_shift(x[idx])), y[idx])
+            loss = F.cross_entropy(model(shift(x[idx])), y[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
@@ -103,7 +100,7 @@ def train_reference(
     budget_s, start, step, losses = minutes * 60.0, time.time(), 0, []
     while (progress := (time.time() - start) / budget_s) < 1.0:
         idx = torch.randint(0, len(x), (batch,))
-        x0, labels = _shift(x[idx]), y[idx]
+        x0, labels = shift(x[idx]), y[idx]
         tmpl = torch.randint(0, n_t, (batch,))  # a random seen phrasing per sample
         emb, mask = bank_emb[labels, tmpl].clone(), bank_mask[labels, tmpl].clone()
         drop = torch.rand(batch) < p_uncond  # prompt dropout trains the CFG null condition
@@ -115,17 +112,7 @@ def train_reference(
                      encoder_attention_mask=mask, return_dict=False)[0]
         loss = F.mse_loss(pred, noise)
 
-        scale = min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * progress))
-        for g in opt.param_groups:
-            g["lr"] = lr * max(scale, 0.02)
-        opt.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        decay = min(ema_decay, (1 + step) / (10 + step))
-        with torch.no_grad():
-            for pe, pm in zip(ema.parameters(), model.parameters()):
-                pe.lerp_(pm, 1 - decay)
+        optimizer_step(model, opt, loss, learning_rate(lr, step, progress, warmup), step, clip=1.0, ema=ema, ema_decay=ema_decay)
         losses.append(loss.item())
         step += 1
         if step % 100 == 0:
@@ -155,15 +142,23 @@ def train_reference(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("name", choices=["reference", "classifier"])
-    parser.add_argument("--minutes", type=float, default=27.0, help="reference training budget")
+    parser.add_argument("name", choices=["reference", "classifier", "var-tokenizer", "var"])
+    parser.add_argument("--minutes", type=float, default=None,
+                        help="training budget (default: reference 27, var-tokenizer 6, var 20)")
     parser.add_argument("--eval-samples", type=int, default=200)
     parser.add_argument("--threads", type=int, default=2, help="1 is faster when another job shares the 2 cores")
     args = parser.parse_args(argv)
+    budget = {} if args.minutes is None else {"minutes": args.minutes}
     if args.name == "classifier":
         train_classifier()
+    elif args.name == "reference":
+        train_reference(**budget, eval_samples=args.eval_samples, threads=args.threads)
     else:
-        train_reference(minutes=args.minutes, eval_samples=args.eval_samples, threads=args.threads)
+        _seed_everything(threads=args.threads)
+        if args.name == "var-tokenizer":
+            _write(TOKENIZER_WEIGHTS, *train_tokenizer(**budget))
+        else:
+            _write(VAR_WEIGHTS, *train_var(**budget, eval_samples=args.eval_samples))
 
 
 if __name__ == "__main__":

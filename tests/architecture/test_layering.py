@@ -102,5 +102,5 @@ def test_import_lowbit_loads_no_heavy_library():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"`import lowbit` loaded {out}"
     # and they do load when asked for
-    code = f"import sys, lowbit; lowbit.export_onnx; print('onnx' in sys.modules)"
+    code = "import sys, lowbit; lowbit.export_onnx; print('onnx' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip() == "True"

@@ -31,7 +31,7 @@ def test_invalid_specs_name_the_problem(kwargs, message):
 
 
 def test_group_spec_and_round_trip():
-    spec = QuantSpec(6, granularity="group", axis=-1, groups=((0, 1, 1, 0, 2), (1, 1, 0, 0, 0)), mode="per_timestep")
+    spec = QuantSpec(6, granularity="group", axis=-1, groups=((0, 1, 1, 0, 2), (1, 1, 0, 0, 0)), mode="per_step")
     assert spec.num_groups == 3
     assert QuantSpec.from_dict(spec.to_dict()) == spec
 

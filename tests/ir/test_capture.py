@@ -59,7 +59,7 @@ class _Gate(torch.nn.Module):
 
 def test_uncapturable_model_names_the_module():
     with pytest.raises(CaptureError, match=r"inside module 'gate'.*Try:"):
-        capture(_DataDependent(), (torch.randn(2, 3),), timestep_arg=None)
+        capture(_DataDependent(), (torch.randn(2, 3),), step_arg=None)
 
 
 def test_calibrated_at_batch_1_runs_at_any_batch(tmp_path):
@@ -78,3 +78,13 @@ def test_calibrated_at_batch_1_runs_at_any_batch(tmp_path):
         kw = calibration_set("pixart", batch=batch)[0][1]
         out = qmodel(**kw)[0]
         assert out.shape[0] == batch and torch.equal(out, loaded(**kw)[0])
+
+
+def test_float64_inputs_to_a_float32_model_are_refused_naming_the_argument():
+    from tests.conftest import calibration_set
+
+    model = build("pixart")
+    kwargs = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v
+              for k, v in calibration_set("pixart")[0][1].items()}
+    with pytest.raises(CaptureError, match="input 'hidden_states' is float64"):
+        capture(model, (), kwargs)

@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from lowbit.ir.schema import FakeQuant
-from lowbit.kernels.common import TINY
-from lowbit.kernels.quantize_activation import (quantize_gathered, quantize_per_token, quantize_per_token_reference,
-                                                quantize_static, quantize_static_reference)
+from lowbit.kernels.common import TINY, UINT8_OFFSET
+from lowbit.ir.ops import dynamic_params
+from lowbit.kernels.quantize_activation import (quantize_dynamic, quantize_gathered, quantize_per_token,
+                                                quantize_per_token_reference, quantize_static, quantize_static_reference)
 
 fake_quant = FakeQuant.overload()
 
@@ -34,6 +35,19 @@ def test_per_token_matches_reference_and_fake_quant(device, dtype):
     assert q[4, :8].tolist() == [127, 0, 2, 2, 0, -2, 126, -127]  # half to even
     dq = fake_quant(x.float(), scale[:, None], torch.zeros(M, 1, device=device), -128, 127)
     assert torch.equal(q.float() * scale[:, None], dq)
+
+
+@pytest.mark.parametrize("qmin, qmax", [(0, 255), (0, 15)])
+def test_dynamic_matches_lowbit_dynamic_params_and_fake_quant(device, qmin, qmax):
+    x = _activations().to(device)
+    x[5] = torch.linspace(0.5, 3.0, K)  # an all-positive row: the range still holds 0, zero point at qmin
+    q, scale, zero_point = quantize_dynamic(x, qmin, qmax)
+    want_scale = dynamic_params(x, qmin, qmax, True, "scale")[:, 0]
+    want_zp = dynamic_params(x, qmin, qmax, True, "zero_point")[:, 0]
+    assert torch.equal(scale, want_scale) and torch.equal(zero_point, want_zp)
+    assert zero_point[5] == qmin and scale[3] == 1e-8 and torch.all(q[3] == zero_point[3] - UINT8_OFFSET)
+    dq = fake_quant(x, scale[:, None], zero_point[:, None], qmin, qmax)
+    assert torch.equal((q.float() + UINT8_OFFSET - zero_point[:, None]) * scale[:, None], dq)
 
 
 @pytest.mark.parametrize("per_row", [False, True])

@@ -44,3 +44,26 @@ def test_triton_target_matches_eager_quantized(recipe):
     if recipe.startswith("dgq"):
         expected["quantized_attention"] = ops.count("quantized_attention")
     assert dict(report.lowered) == expected and not report.fallbacks
+
+
+def test_var_dynamic_activations_run_the_fused_dynamic_kernel():
+    """LiteVAR's per-token dynamic activations: every linear runs quantize_dynamic + the W8A8 GEMM."""
+    from lowbit.ir.schema import QuantizedLinear, schema_class
+    from lowbit.lowering.triton import TRITON_TRANSLATIONS, _dynamic_kernel
+    from tests.conftest import small_var, var_calibration
+
+    torch._dynamo.reset()
+    var, tokenizer, step = small_var()
+    calibration = var_calibration(var, tokenizer, step)
+    qmodel = lowbit.quantize(step, "litevar-w8a8", calibration, step_arg="scale", progress=False)
+    compiled = torch.compile(qmodel, backend="lowbit", options={"target": "triton"})
+    kwargs = calibration[-1][1]
+    with torch.no_grad():
+        out, eager = compiled(**kwargs)[0], qmodel(**kwargs)[0]
+    # the kernel computes the reference's ranges and codes exactly (tests/kernels); the GEMM sums exactly
+    assert _relative(out, eager) < 1e-4
+    report = compile_reports()[-1].translation
+    assert report.lowered["quantized_linear"] == 12 and not report.fallbacks
+    chosen = {TRITON_TRANSLATIONS[QuantizedLinear.overload()](n)[0] for n in qmodel.graph_module.graph.nodes
+              if schema_class(n) is QuantizedLinear}
+    assert chosen == {_dynamic_kernel}  # the fused range-and-codes kernel, not the static quantizer

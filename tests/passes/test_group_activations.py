@@ -72,7 +72,7 @@ def test_groups_reduce_error_and_follow_the_timestep(calib, tmp_path):
     # more groups, less error (measured 0.090 -> 0.062 -> 0.055 on this model)
     assert errors[16] < errors[4] < errors[1]
     spec = q.params["down_blocks.1.resnets.0.conv1:input"].spec
-    assert spec.mode == "per_timestep" and len(spec.groups) == 3  # one assignment per calibrated timestep
+    assert spec.mode == "per_step" and len(spec.groups) == 3  # one assignment per calibrated timestep
     assert q.params["down_blocks.1.resnets.0.conv1:input"].scale.shape[0] == 3
     lowbit.save(q, tmp_path / "g16")
     loaded = lowbit.load(tmp_path / "g16", model)

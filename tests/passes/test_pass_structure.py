@@ -47,7 +47,7 @@ STEPS = (900.0, 100.0)  # calibration timesteps; per-step parameters list them s
 
 W8 = QuantSpec(8, granularity="channel", axis=0, symmetric=True)
 W4 = QuantSpec(4, granularity="channel", axis=0, symmetric=True)
-A8 = QuantSpec(8, mode="per_timestep")  # activations and probabilities: asymmetric, per tensor, per step
+A8 = QuantSpec(8, mode="per_step")  # activations and probabilities: asymmetric, per tensor, per step
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +517,7 @@ def test_group_activations():
     labels = ctx.params["proj:input"].spec.groups
     outlier_group = labels[0][0]
     groups = tuple(tuple(outlier_group if c == 0 else 1 - outlier_group for c in range(8)) for _ in steps)
-    grouped = QuantSpec(8, granularity="group", mode="per_timestep", axis=-1, groups=groups)
+    grouped = QuantSpec(8, granularity="group", mode="per_step", axis=-1, groups=groups)
     outliers = {"input": OutlierDim(*spreads_by_hand(torch.cat(list(xs.values()))))}
     assert outliers["input"].chosen == "channel"
     expected = expected_proj(model, QuantAnnotation(input=grouped, weight=W8), observed=True, outliers=outliers)

@@ -44,7 +44,7 @@ def test_annotation_keeps_io_layers_and_patterns(tiny):
             tiny[1], _context(layers=(LayerOverride("nothing.here", keep_float=True),)))
 
 
-def test_observers_record_per_timestep_and_change_nothing(tiny):
+def test_observers_record_per_step_and_change_nothing(tiny):
     model, gm = tiny
     ctx = _context()
     gm = _prepared(gm, ctx)

@@ -78,7 +78,7 @@ def _reshape(em, node, a):
     return name if shape == physical else em.graph.node("Reshape", [name, _shape(em, shape)])
 
 
-@_register(aten.expand.default)
+@_register(aten.expand.default, aten.expand_as.default)
 def _expand(em, node, a):
     return em.graph.node("Expand", [em.tensor(a["self"]), _shape(em, em.out(node).shape)])
 
@@ -351,6 +351,11 @@ def _clamp(em, node, a):
     return em.graph.node("Clip", [em.tensor(a["self"]), lo, hi])
 
 
+@_register(aten.clamp_min.default)
+def _clamp_min(em, node, a):
+    return em.graph.node("Clip", [em.tensor(a["self"]), em.tensor(float(a["min"]))])
+
+
 # -- reductions and normalizations ---------------------------------------------------------
 
 def _reduce(op_type: str):
@@ -365,6 +370,17 @@ def _reduce(op_type: str):
 ATEN_TRANSLATIONS[aten.mean.dim] = _reduce("ReduceMean")
 ATEN_TRANSLATIONS[aten.sum.dim_IntList] = _reduce("ReduceSum")
 ATEN_TRANSLATIONS[aten.amax.default] = _reduce("ReduceMax")
+
+
+@_register(aten.linalg_vector_norm.default)
+def _vector_norm(em, node, a):
+    """The L2 norm as Sqrt(ReduceSum(x * x)) (VAR's L2-normalised queries and keys)."""
+    if float(a["ord"]) != 2.0:
+        raise ValueError(f"only the L2 norm has a translation, not ord={a['ord']}")
+    x = em.tensor(a["self"])
+    dims = [d % em.value(a["self"]).dim() for d in a["dim"]]
+    squares = em.graph.node("ReduceSum", [em.graph.node("Mul", [x, x]), _shape(em, dims)], keepdims=int(bool(a["keepdim"])))
+    return em.graph.node("Sqrt", [squares])
 
 
 def _affine(em, out: str, weight, bias, shape) -> str:

@@ -82,7 +82,7 @@ def flat_inputs(gm: torch.fx.GraphModule, inputs: dict[str, Any]) -> dict[str, A
     return {n.name: v for n, v in zip((n for n in gm.graph.nodes if n.op == "placeholder"), flat)}
 
 
-def specialize(gm: torch.fx.GraphModule, inputs: dict[str, Any], timestep_arg: str | None,
+def specialize(gm: torch.fx.GraphModule, inputs: dict[str, Any], step_arg: str | None,
                constant_inputs: frozenset[str] = frozenset()) -> SpecializedGraph:
     """Run ``gm`` on ``inputs`` (normalized keyword inputs) and split runtime from constant nodes.
 
@@ -91,8 +91,8 @@ def specialize(gm: torch.fx.GraphModule, inputs: dict[str, Any], timestep_arg: s
     dimension, such as FLUX's position ids, are fixed by the image size the graph is built for.
     """
     timestep = None
-    if timestep_arg is not None and timestep_arg in inputs:
-        t = torch.as_tensor(inputs[timestep_arg]).float().reshape(-1)
+    if step_arg is not None and step_arg in inputs:
+        t = torch.as_tensor(inputs[step_arg]).float().reshape(-1)
         if not torch.all(t == t[0]):
             raise ValueError(f"a specialized graph serves one timestep; the batch has timesteps {t.tolist()}")
         timestep = float(t[0])
@@ -105,7 +105,8 @@ def specialize(gm: torch.fx.GraphModule, inputs: dict[str, Any], timestep_arg: s
     runtime_inputs: dict[str, torch.Tensor] = {}
     for node in placeholders:
         value = flat[node.name]
-        if node.name != timestep_arg and node.name not in constant_inputs and isinstance(value, torch.Tensor):
+        if (node.name != step_arg and node.name not in constant_inputs and isinstance(value, torch.Tensor)
+                and value.numel() > 0):  # an empty input (VAR's cache at the first scale) carries nothing
             runtime.add(node)
             runtime_inputs[node.name] = value
     for node in gm.graph.nodes:

@@ -17,11 +17,13 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from torch.utils import _pytree as pytree
 
 from lowbit.lowering.onnx_qnn.context import context_path
 from lowbit.lowering.onnx_qnn.export import TIMESTEP_KEY
 from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS, IOCodec, htp_options, htp_session
 from lowbit.lowering.onnx_qnn.placement import Misplaced, cpu_nodes, dump_options, float_islands
+from lowbit.lowering.onnx_qnn.specialize import flat_inputs
 
 __all__ = ["VerifyReport", "verify_qnn"]
 
@@ -58,21 +60,29 @@ class VerifyReport:
         return out
 
 
-def _expected(reference: Any, model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> np.ndarray:
+def _expected(reference: Any, model: onnx.ModelProto, inputs: dict[str, torch.Tensor]) -> np.ndarray:
+    """The reference's first output: an array as given, or the eager quantized module run on
+    ``inputs``, which then holds every placeholder of its graph by name (also those the exported
+    graph folded: empty caches, constant position ids), the step taken from the graph's metadata."""
     if isinstance(reference, torch.Tensor):
         return reference.detach().float().numpy()
     if isinstance(reference, np.ndarray):
         return reference.astype(np.float32)
     meta = {p.key: p.value for p in model.metadata_props}
-    kwargs = {k: torch.from_numpy(np.asarray(v)) for k, v in feeds.items()}
+    kwargs = dict(inputs)
     batch = next(v.shape[0] for v in kwargs.values() if v.dim() > 0)
     if meta.get(TIMESTEP_KEY):
-        kwargs[reference.timestep_arg] = torch.full((batch,), float(meta[TIMESTEP_KEY]))
-    for name, spec in reference.signature.inputs.items():  # integer inputs (masks) go back to their dtype
-        if name in kwargs and getattr(spec, "dtype", "float32") != "float32":
+        kwargs[reference.step_arg] = torch.full((batch,), float(meta[TIMESTEP_KEY]))
+    for name, spec in flat_inputs(reference.graph_module, reference.signature.inputs).items():
+        if name not in kwargs:
+            raise ValueError(f"the inputs lack the graph input {name!r}: give every input the model was called with")
+        if getattr(spec, "dtype", "float32") != "float32":  # integer inputs (masks) go back to their dtype
             kwargs[name] = kwargs[name].to(getattr(torch, spec.dtype))
+    gm = reference.graph_module
+    leaves = [kwargs[n.name] for n in gm.graph.nodes if n.op == "placeholder"]
+    args, nested = pytree.tree_unflatten(leaves, gm.graph._codegen.pytree_info.in_spec)
     with torch.no_grad():
-        out = reference(**kwargs, return_dict=False)
+        out = reference(*args, **nested, return_dict=False)  # dropped for the graph; diffusers models return tuples
     return (out[0] if isinstance(out, (tuple, list)) else out).float().numpy()
 
 
@@ -87,7 +97,14 @@ def verify_qnn(model_path: str | Path, inputs: dict[str, Any] | None = None, ref
     """
     htp_options(soc)  # an unknown SoC is the caller's error, not the model's
     model_path = Path(model_path)
-    model = onnx.load(str(model_path), load_external_data=False)
+    try:
+        model = onnx.load(str(model_path), load_external_data=False)
+    except Exception as err:  # protobuf's DecodeError and friends: not an ONNX file at all
+        raise ValueError(f"{model_path} is not an ONNX model ({type(err).__name__}); give a graph written by "
+                         f"lowbit export --target qnn-htp") from None
+    if not model.graph.node:
+        raise ValueError(f"{model_path} holds no graph (an empty or truncated file?); give a graph written by "
+                         f"lowbit export --target qnn-htp")
     report = VerifyReport(model_path, loaded=False, soc=soc)
     target = context_path(model_path, context_dir) if context_dir is not None else None
     if target is not None:
@@ -107,9 +124,11 @@ def verify_qnn(model_path: str | Path, inputs: dict[str, Any] | None = None, ref
         report.context = target
         report.context_bytes = sum(p.stat().st_size for p in target.parent.glob(f"{target.stem}*.bin"))
     if inputs is not None:
-        feeds = {k: np.asarray(v.float() if isinstance(v, torch.Tensor) else v, np.float32) for k, v in inputs.items()}
+        inputs = {k: torch.as_tensor(v) for k, v in inputs.items()}
+        graph_inputs = {i.name for i in model.graph.input}
+        feeds = {k: v.float().numpy() for k, v in inputs.items() if k in graph_inputs}
         got = IOCodec.of(model).run(session, feeds)[0]
         if reference is not None:
-            want = _expected(reference, model, feeds)
+            want = _expected(reference, model, inputs)
             report.relative_error = float(np.linalg.norm(got - want) / np.linalg.norm(want))
     return report

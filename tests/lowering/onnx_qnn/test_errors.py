@@ -27,7 +27,7 @@ def test_an_op_without_translation_names_node_op_and_layer(tmp_path):
     net = CumsumNet().eval()
     calibration = [((torch.randn(2, 4, 8),), {}) for _ in range(2)]
     qmodel = lowbit.quantize(net, lowbit.Recipe.build("w8a8", 8, 8, activation_mode="static", keep_io_layers=False),
-                             calibration, timestep_arg=None, progress=False)
+                             calibration, step_arg=None, progress=False)
     with pytest.raises(LoweringError) as err:
         lowbit.export_onnx(qmodel, *calibration[0], tmp_path / "m.onnx")
     message = str(err.value)

@@ -9,7 +9,7 @@ from lowbit.evaluation.qnn import QnnEvalRow, margins
 
 
 def _row(name, fid, seen, heldout, conditioning=1.0):
-    return QnnEvalRow(name, fid, 9.0, seen, heldout, None, conditioning, 0.0)
+    return QnnEvalRow(name, fid, 9.0, seen, heldout, None, None, conditioning, 0.0)
 
 
 def test_margins_are_two_seed_deviations_for_fid_and_two_standard_errors_for_alignment():
@@ -41,7 +41,7 @@ def test_eval_qnn_samples_through_the_htp_graphs(tmp_path, capsys):
     rows = [line.split("|") for line in printed.splitlines() if line.startswith("| minmax-w8a8")]
     assert [r[1].strip() for r in rows] == ["minmax-w8a8 (eager)", "minmax-w8a8 (QNN HTP)", "minmax-w8a8 (eager, seed 1)",
                                             "minmax-w8a8 (eager, seed 2)"]
-    psnr_vs_eager, cfg_signal = float(rows[1][6]), float(rows[1][7])
-    assert psnr_vs_eager > 15.0  # measured 24.6 dB: the HTP draws the eager model's images, not others
-    ratio = cfg_signal / float(rows[0][7])
+    psnr_vs_eager, same, cfg_signal = float(rows[1][6]), float(rows[1][7]), float(rows[1][8])
+    assert psnr_vs_eager > 15.0 and same == 0.0  # measured 24.6 dB: the HTP draws the eager model's images, not others
+    ratio = cfg_signal / float(rows[0][8])
     assert 0.8 < ratio < 1.25  # measured 0.97: the text conditioning survives (users report 20x weaker ones)

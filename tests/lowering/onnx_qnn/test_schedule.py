@@ -20,8 +20,8 @@ def schedule(tmp_path_factory, reference):
     calibration = calibrate_reference(reference, prompts=1, steps=2, progress=False)
     qmodel = lowbit.quantize(reference, "minmax-w8a8", calibration, progress=False)
     folder = tmp_path_factory.mktemp("schedule")
-    steps = [float(kw["timestep"][0]) for _, kw in calibration]
-    results = export_schedule(qmodel, *calibration[0], folder, steps, calibration=calibration)
+    examples = {float(kw["timestep"][0]): kw for _, kw in calibration}
+    results = export_schedule(qmodel, examples, folder, calibration=calibration)
     return calibration, qmodel, folder, results
 
 
@@ -38,13 +38,13 @@ def test_each_timestep_graph_matches_eager_at_its_timestep(schedule, reference):
         error = float((htp - eager).norm() / eager.norm())
         quantization_error = float((eager - fp_output(reference, kw)).norm() / eager.norm())
         assert error <= HTP_NOISE * quantization_error, (float(kw["timestep"][0]), error, quantization_error)
-    with pytest.raises(ValueError, match="no exported graph for timestep 123"):
+    with pytest.raises(ValueError, match="no exported graph for step 123"):
         denoiser(**{**kw, "timestep": torch.full((2,), 123.0)})
 
 
 def test_one_context_binary_stores_the_shared_weights_once(schedule, tmp_path):
     _, _, _, results = schedule
-    single = compile_context([results[0].path], tmp_path / "one")
+    compile_context([results[0].path], tmp_path / "one")
     both = compile_context([r.path for r in results], tmp_path / "both")
     assert [p.name for p in both] == [f"{r.path.stem}_ctx.onnx" for r in results]
     one_bin = sum(p.stat().st_size for p in (tmp_path / "one").glob("*.bin"))
