@@ -191,14 +191,19 @@ def main() -> None:
         model = load_reference_model()
         calibration = calibrate_reference(model, prompts=4, steps=5, progress=False)
         sections += measure("shipped reference model, CFG batch 2 x 2 prompts", model, None, args.rounds, calibration)
+    write_results(args.out, "bench/compile_cpu.py", load_at_start, sections)
+
+
+def write_results(out: Path, script: str, load_at_start: float, sections: list[str]) -> None:
+    """The tables under a header naming the device, the load average at both ends and the command."""
     load = os.getloadavg()[0]
     header = [f"Device: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}. "
               f"Load average (1 min) at the start {load_at_start:.1f}, at the end {load:.1f} (a load above "
               f"{os.cpu_count()} means other processes shared the cores, which slows every variant and compresses the ratios).", "",
-              f"Command: `{' '.join(['.venv/bin/python', 'bench/compile_cpu.py', *sys.argv[1:]])}`", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + sections))
-    print(f"wrote {args.out}")
+              f"Command: `{' '.join(['.venv/bin/python', script, *sys.argv[1:]])}`", ""]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(header + sections))
+    print(f"wrote {out}")
 
 
 def cpu_name() -> str:

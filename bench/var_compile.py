@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 from typing import Callable
@@ -29,7 +28,7 @@ from typing import Callable
 import torch
 
 import lowbit
-from compile_cpu import cpu_name, peak_step_bytes, return_freed_memory
+from compile_cpu import peak_step_bytes, return_freed_memory, write_results
 from lowbit.models.var import VAR, MultiScaleVQ, TokenizerConfig, VARConfig, VARStep, load_tokenizer, load_var, sample
 
 RESULTS = Path(__file__).parent / "results" / "var_compile.md"
@@ -118,15 +117,7 @@ def main() -> None:
         var, tokenizer = var_d16()
         sections += measure(f"VAR-d16 shape ({sum(p.numel() for p in var.parameters()) / 1e6:.0f}M parameters, random), "
                             f"1 image, CFG batch 2", var, tokenizer, images=1, rounds=args.rounds)
-    load = os.getloadavg()[0]
-    header = [f"Device: {cpu_name()}, {torch.get_num_threads()} threads; torch {torch.__version__}. "
-              f"Load average (1 min) at the start {load_at_start:.1f}, at the end {load:.1f} (above {os.cpu_count()}: "
-              f"other processes shared the cores).", "",
-              f"Command: `{' '.join(['.venv/bin/python', 'bench/var_compile.py', *sys.argv[1:]])}`", ""]
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(header + sections))
-    print(f"wrote {args.out}")
-
+    write_results(args.out, "bench/var_compile.py", load_at_start, sections)
 
 if __name__ == "__main__":
     main()
