@@ -207,12 +207,13 @@ def write_results(out: Path, script: str, load_at_start: float, sections: list[s
 
 
 def cpu_name() -> str:
+    """The CPU and the vector ISA ATen dispatches to on it: int8 and bf16 speed depend on the latter."""
+    name = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
     if cpuinfo.exists():
-        for line in cpuinfo.read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip() + f" ({platform.machine()})"
-    return platform.processor() or platform.machine()
+        name = next((line.split(":", 1)[1].strip() + f" ({platform.machine()})" for line in cpuinfo.read_text().splitlines()
+                     if line.startswith("model name")), name)
+    return f"{name}, ATen CPU capability {torch.backends.cpu.get_cpu_capability()}"
 
 
 if __name__ == "__main__":
