@@ -19,4 +19,4 @@ run: $(STAMP)
 	$(VENV)/bin/lowbit eval --recipe minmax-w8a8 --recipe dgq-w8a8 --samples 200 --out out/eval --overwrite
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2 --dist loadfile  # one worker per core, a test file per worker (its fixtures built once)

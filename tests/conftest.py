@@ -4,6 +4,8 @@ import os
 
 import torch
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # `make test` runs one worker per core: one thread each, no oversubscription
+    torch.set_num_threads(1)
 if not torch.cuda.is_available():  # Triton kernels run on CPU tensors in the interpreter; set before any @triton.jit
     os.environ.setdefault("TRITON_INTERPRET", "1")
 

@@ -51,12 +51,11 @@ def test_artifact_round_trips_bit_exactly(saved):
     assert torch.equal(loaded(**samples[0][1])[0], qmodel(**samples[0][1])[0])
 
 
-def _edit_json(path, change, rewrite_digest=True):
+def _edit_json(path, change):
     """Change the saved JSON as another lowbit (or code) would have written it: with its own digest."""
     meta = json.loads((path / "lowbit.json").read_text())
     change(meta)
-    if rewrite_digest:
-        meta["meta_digest"] = serialization._meta_digest(meta)
+    meta["meta_digest"] = serialization._meta_digest(meta)
     (path / "lowbit.json").write_text(json.dumps(meta))
 
 
@@ -85,36 +84,3 @@ def test_edited_fields_are_refused(saved):
     model, _, _, path = saved
     _edit_json(path, lambda m: m["artifacts"]["windows"]["data"].pop("ratio"))
     _refused(model, path, r"artifact 'windows' \(test.windows\) has fields .* expected")
-
-
-def test_hand_edited_json_is_refused(saved):
-    model, _, _, path = saved
-    _edit_json(path, lambda m: m["artifacts"]["windows"]["data"].update(ratio=0.5), rewrite_digest=False)
-    _refused(model, path, r"lowbit.json differs from what lowbit wrote \(its digest does not match\)")
-
-
-def test_other_weights_or_config_are_refused(saved, quantized):
-    model, _, _, path = saved
-    other = build("pixart")
-    with torch.no_grad():
-        other.proj_out.weight.add_(1e-3)
-    _refused(other, path, r"with other weights: the full-precision weights given differ")
-    from diffusers import PixArtTransformer2DModel
-
-    wider = PixArtTransformer2DModel.from_config({**model.config, "num_layers": 1})
-    _refused(wider, path, r"of another configuration \(differs in num_layers\)")
-
-
-def test_tampered_tensor_is_refused(saved):
-    model, _, _, path = saved
-    data = bytearray((path / "params.safetensors").read_bytes())
-    data[-3] ^= 0xFF  # a byte of the last tensor's data
-    (path / "params.safetensors").write_bytes(bytes(data))
-    _refused(model, path, r"params.safetensors: tensor .* differs from what was saved; the file was modified")
-
-
-def test_truncated_tensors_are_refused(saved):
-    model, _, _, path = saved
-    data = (path / "params.safetensors").read_bytes()
-    (path / "params.safetensors").write_bytes(data[: len(data) // 2])
-    _refused(model, path, r"params.safetensors cannot be read .* damaged")

@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from lowbit.cli.arguments import positive_int
+from lowbit.cli.arguments import at_least, positive_int
 from lowbit.cli.qnn import add_commands as add_qnn_commands
 from lowbit.core.calibration import DenoiserInputStream
 from lowbit.core.quantize import quantize
@@ -107,7 +107,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--model", default="pixart", choices=PIPELINE_MODELS, help="the model to quantize")
     q.add_argument("--recipe", default="minmax-w8a8", help="a built-in recipe name (see 'lowbit recipes') or a .toml file")
     q.add_argument("--prompts", type=positive_int, default=8, help="calibration prompts")
-    q.add_argument("--steps", type=positive_int, default=25, help="denoising steps per prompt (DGQ uses 25)")
+    q.add_argument("--steps", type=at_least(2, "diffusers' pipelines take a single step for a one-step (distilled) model"),
+                   default=25, help="denoising steps per prompt (DGQ uses 25)")
     q.add_argument("--samples", type=positive_int, default=4, help="images generated for the comparison picture")
     add_output_arguments(q, "out/quantize")
     q.set_defaults(func=_cmd_quantize)

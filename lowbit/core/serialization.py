@@ -15,18 +15,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.utils import _pytree as pytree
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, QuantSpec
 from lowbit.ir.artifacts import ARTIFACTS, Artifact, ArtifactError
 from lowbit.ir.capture import InputSignature, TensorSpec, capture
 from lowbit.ir.params import OperandParams, target_name
 from lowbit.passes import PassContext, Pipeline
+from lowbit.passes.base import PassError
 from lowbit.core.quantized_model import QuantizedModel
 from lowbit.recipes import Recipe, RecipeError
 from lowbit.core.staging import staged_folder
@@ -38,6 +41,10 @@ _META, _TENSORS = "lowbit.json", "params.safetensors"
 _ARTIFACT = "artifact:"
 _KEYS = ("model_class", "model_config", "model_weights", "recipe", "step_arg", "signature", "params", "artifacts",
          "digests", "meta_digest")  # tensors of artifact NAME are saved as "artifact:NAME/<field>"
+_REFINED = ("granularity", "axis", "groups")  # spec fields that calibration-time passes may set
+_TYPES = {"model_class": (str,), "model_config": (dict, type(None)), "model_weights": (str,), "recipe": (dict,),
+          "step_arg": (str, type(None)), "signature": (dict,), "params": (dict,), "artifacts": (dict,), "digests": (dict,),
+          "meta_digest": (str,)}
 
 
 class SerializationError(ValueError):
@@ -58,17 +65,45 @@ def _encode(value: Any, where: str) -> Any:
     raise SerializationError(f"cannot save input {where} of type {type(value).__name__}: only tensors and plain constants are saved")
 
 
-def _decode(value: Any) -> Any:
+def _tensor_spec(spec: Any, where: str) -> TensorSpec:
+    """A saved tensor input, checked field by field (shape, dtype, dynamic dimensions)."""
+    if not isinstance(spec, dict) or set(spec) != {"shape", "dtype", "dynamic"}:
+        raise SerializationError(f"{where} should be a table of shape, dtype and dynamic, not {spec!r}")
+    shape, dtype, dynamic = spec["shape"], spec["dtype"], spec["dynamic"]
+    if not isinstance(shape, list) or not all(d is None or (type(d) is int and d >= 0) for d in shape):
+        raise SerializationError(f"{where}: shape {shape!r} is not a list of sizes (null for the batch)")
+    if not isinstance(dtype, str) or not isinstance(getattr(torch, dtype, None), torch.dtype):
+        raise SerializationError(f"{where}: dtype {dtype!r} is not a torch dtype")
+    if not isinstance(dynamic, list) or not all(type(d) is int and 0 <= d < len(shape) for d in dynamic):
+        raise SerializationError(f"{where}: dynamic {dynamic!r} is not a list of dimensions of {shape}")
+    return TensorSpec(tuple(shape), dtype, tuple(dynamic))
+
+
+def _decode(value: Any, where: str) -> Any:
     if isinstance(value, dict) and "__tensor__" in value:
-        spec = value["__tensor__"]
-        return TensorSpec(tuple(spec["shape"]), spec["dtype"], tuple(spec.get("dynamic", ())))
+        return _tensor_spec(value["__tensor__"], where)
     if isinstance(value, dict) and "__tuple__" in value:
-        return tuple(_decode(v) for v in value["__tuple__"])
+        return tuple(_decode(v, f"{where}[{i}]") for i, v in enumerate(value["__tuple__"]))
     if isinstance(value, dict):
-        return {k: _decode(v) for k, v in value.items()}
+        return {k: _decode(v, f"{where}.{k}") for k, v in value.items()}
     if isinstance(value, list):
-        return [_decode(v) for v in value]
+        return [_decode(v, f"{where}[{i}]") for i, v in enumerate(value)]
     return value
+
+
+def _signature(path: Path, meta: dict) -> InputSignature:
+    """The captured inputs, refused if building their examples would take more memory than is free:
+    a damaged shape must not make ``load`` allocate terabytes."""
+    where = f"{path / _META}: signature"
+    signature = InputSignature(_decode(meta["signature"], where), meta["step_arg"])
+    specs = [(name, s) for name, value in signature.inputs.items() for s in pytree.tree_leaves(value) if isinstance(s, TensorSpec)]
+    sizes = [math.prod(2 if d is None else d for d in s.shape) * getattr(torch, s.dtype).itemsize for _, s in specs]
+    free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    if sum(sizes) > free:
+        name, largest = specs[sizes.index(max(sizes))]
+        raise SerializationError(f"{where} would allocate {sum(sizes) / 2**30:.1f} GiB of example inputs ({name}: "
+                                 f"{largest.describe()}), more than the {free / 2**30:.1f} GiB free; the file is damaged")
+    return signature
 
 
 def _digest(t: torch.Tensor) -> str:
@@ -139,6 +174,10 @@ def _read_meta(path: Path) -> dict:
     missing = [k for k in _KEYS if k not in meta]
     if missing:
         raise SerializationError(f"{path / _META} lacks {', '.join(missing)}: the file was edited or truncated")
+    wrong = [k for k, kind in _TYPES.items() if not isinstance(meta[k], kind)]
+    if wrong:
+        raise SerializationError(f"{path / _META}: {wrong[0]} is a {type(meta[wrong[0]]).__name__}, where lowbit writes "
+                                 f"{' or '.join(t.__name__ for t in _TYPES[wrong[0]])}; the file was not written by this lowbit")
     if meta["meta_digest"] != _meta_digest(meta):
         raise SerializationError(f"{path / _META} differs from what lowbit wrote (its digest does not match): the file "
                                  f"was edited; re-save the model from its source")
@@ -193,6 +232,29 @@ def _artifacts(path: Path, records: dict, tensors: dict[str, torch.Tensor]) -> d
     return out
 
 
+def _params(path: Path, specs: dict, tensors: dict[str, torch.Tensor]) -> dict[str, OperandParams]:
+    """Every operand's saved spec and tensors, each checked (types, dtypes, consistency)."""
+    params = {}
+    for target, spec in specs.items():
+        fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == target}
+        try:
+            params[target] = OperandParams(QuantSpec.from_dict(spec, f"params.{target}"), **fields)
+        except (TypeError, ValueError) as err:
+            raise SerializationError(f"{path}: the saved parameters of {target} are invalid: {err}") from err
+    return params
+
+
+def _check_spec(path: Path, target: str, saved: QuantSpec, annotated: QuantSpec) -> None:
+    """The saved spec may differ from the recipe's only where calibration-time passes refine it
+    (grouping sets granularity, axis and groups); bits, scheme, mode or symmetry that differ mean
+    the file does not belong to this recipe."""
+    differ = [f.name for f in dataclasses.fields(QuantSpec)
+              if f.name not in _REFINED and getattr(saved, f.name) != getattr(annotated, f.name)]
+    if differ:
+        raise SerializationError(f"{path}: the saved spec of {target} differs from what its recipe gives in "
+                                 f"{', '.join(f'{k} ({getattr(saved, k)} saved, {getattr(annotated, k)} by the recipe)' for k in differ)}")
+
+
 def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
     """Rebuild a quantized ``model`` (the same architecture, full-precision weights) from ``path``.
 
@@ -202,15 +264,12 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
     _check_model(path, meta, model)
     tensors = _read_tensors(path, meta["digests"])
     artifacts = _artifacts(path, meta["artifacts"], tensors)
-    params = {}
-    for target, spec in meta["params"].items():
-        fields = {k.split("/", 1)[1]: v for k, v in tensors.items() if k.split("/", 1)[0] == target}
-        params[target] = OperandParams(QuantSpec.from_dict(spec), **fields)
+    params = _params(path, meta["params"], tensors)
     try:
         recipe = Recipe.from_dict(meta["recipe"], f"{path / _META} (recipe)")
     except RecipeError as err:
         raise SerializationError(str(err)) from err
-    signature = InputSignature(_decode(meta["signature"]), meta["step_arg"])
+    signature = _signature(path, meta)
     gm = capture(model, (), signature.examples(batch=2), step_arg=signature.step_arg)
     ctx = PassContext(precision=recipe.precision, step_arg=signature.step_arg, params=params, artifacts=artifacts)
     gm = Pipeline(recipe.phase_passes("rewrite")).run(gm, ctx)
@@ -221,12 +280,16 @@ def load(path: str | os.PathLike, model: torch.nn.Module) -> QuantizedModel:
             path_ = node.meta[LAYER_KEY].path
             targets = {op: target_name(path_, op) for op, spec in annotation.operands().items() if spec.mode != "dynamic"}
             expected |= set(targets.values())
-            # calibration-time passes (grouping) refined some specs: the saved ones are authoritative
             saved = {op: params[t].spec for op, t in targets.items() if t in params}
+            for op, spec in saved.items():
+                _check_spec(path, targets[op], spec, getattr(annotation, op))
             node.meta[QUANT_KEY] = dataclasses.replace(annotation, **saved)
     if expected != set(params):
         extra, missing = sorted(set(params) - expected)[:3], sorted(expected - set(params))[:3]
         raise SerializationError(f"{path} does not fit this model: saved-only targets {extra}, unsaved targets {missing}")
     convert = Pipeline(recipe.phase_passes("convert"))
-    gm = convert.run(gm, ctx)
+    try:
+        gm = convert.run(gm, ctx)
+    except PassError as err:
+        raise SerializationError(f"{path} does not fit this model: {err}") from err
     return QuantizedModel(gm, model, recipe, params, artifacts, signature.step_arg, convert.records)

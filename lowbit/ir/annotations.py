@@ -8,8 +8,11 @@ fails where it is made (naming the field) instead of deep inside a later pass.
 from __future__ import annotations
 
 import math
+import typing
 from dataclasses import dataclass
 from typing import Literal
+
+from lowbit.ir.typed import SettingError, check_value
 
 __all__ = [
     "ATTENTION_KEY",
@@ -106,11 +109,16 @@ class QuantSpec:
         return out
 
     @classmethod
-    def from_dict(cls, data: dict) -> QuantSpec:
-        data = dict(data)
-        if data.get("groups") is not None:
-            data["groups"] = tuple(tuple(row) for row in data["groups"])
-        return cls(**data)
+    def from_dict(cls, data: dict, where: str = "spec") -> QuantSpec:
+        """The spec ``to_dict`` wrote, every field checked for its type (ValueError naming it)."""
+        if not isinstance(data, dict):
+            raise SettingError(f"{where} is a {type(data).__name__}, not a table of fields")
+        hints = typing.get_type_hints(cls)
+        missing, unknown = sorted(set(hints) - set(data)), sorted(set(data) - set(hints))
+        if missing or unknown:
+            problem = f"lacks {missing}" if missing else f"has unknown fields {unknown}"
+            raise SettingError(f"{where} {problem}; a spec has the fields {sorted(hints)}")
+        return cls(**{k: check_value(v, hints[k], f"{where}.{k}") for k, v in data.items()})
 
 
 @dataclass(frozen=True)

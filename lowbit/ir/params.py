@@ -6,6 +6,7 @@ is just these tensors plus their specs: loading re-captures the model and replay
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -45,6 +46,10 @@ class OperandParams:
     qvalues: Tensor | None = None
 
     def __post_init__(self) -> None:
+        for name in ("scale", "zero_point", "timesteps"):
+            value = getattr(self, name)
+            if value is not None and value.dtype != torch.float32:
+                raise ValueError(f"{name} must be float32, got {value.dtype}")
         if self.scale.shape != self.zero_point.shape:
             raise ValueError(f"scale {tuple(self.scale.shape)} and zero point {tuple(self.zero_point.shape)} differ in shape")
         if self.spec.mode == "per_step":
@@ -54,6 +59,24 @@ class OperandParams:
             raise ValueError("scales must be finite and positive")
         if self.qvalues is not None and self.qvalues.dtype != self.storage_dtype(self.spec):
             raise ValueError(f"{self.spec.bits:g}-bit integer weights are stored as {self.storage_dtype(self.spec)}, got {self.qvalues.dtype}")
+
+    def check_fits(self, operand: torch.Size) -> None:
+        """ValueError unless these parameters fit an operand of this shape: one value (per step) per
+        tensor; per channel, one per index of the axis (a 1-D table) or a table that broadcasts
+        against the operand. Symbolic (dynamic) sizes are not checked."""
+        rows = tuple(self.scale.shape[1:] if self.spec.mode == "per_step" else self.scale.shape)
+        same = lambda r, o: r == o or not isinstance(o, int)  # noqa: E731
+        if self.spec.granularity == "tensor":
+            fits = math.prod(rows) == 1
+        elif len(rows) == 1:
+            fits = same(rows[0], operand[self.spec.axis])
+        else:
+            fits = len(rows) <= len(operand) and all(r == 1 or same(r, o) for r, o in zip(reversed(rows), reversed(operand)))
+        if not fits:
+            raise ValueError(f"scale of shape {tuple(self.scale.shape)} does not fit a {self.spec.granularity} "
+                             f"{self.spec.mode} spec of an operand of shape {tuple(operand)}")
+        if self.qvalues is not None and tuple(self.qvalues.shape) != tuple(operand):
+            raise ValueError(f"integer weights of shape {tuple(self.qvalues.shape)} do not fit a weight of shape {tuple(operand)}")
 
     @staticmethod
     def storage_dtype(spec: QuantSpec) -> torch.dtype:

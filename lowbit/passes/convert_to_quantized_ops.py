@@ -39,10 +39,16 @@ class _Emitter:
         self.holder = getattr(gm, PARAMS)
         self.timestep = next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == ctx.step_arg), None)
 
-    def params(self, target: str) -> OperandParams:
+    def params(self, target: str, operand: torch.fx.Node) -> OperandParams:
+        """``target``'s parameters, checked against the shape of the operand they quantize."""
         if target not in self.ctx.params:
             raise PassError(f"no quantization parameters for {target}; run choose_quant_params first (or load them)")
-        return self.ctx.params[target]
+        params = self.ctx.params[target]
+        try:
+            params.check_fits(operand.meta["val"].shape)
+        except ValueError as err:
+            raise PassError(f"{target}: {err}") from err
+        return params
 
     def buffer(self, target: str, field: str, value: torch.Tensor) -> torch.fx.Node:
         name = f"{target.replace('.', '_').replace(':', '__')}__{field}"
@@ -60,7 +66,7 @@ class _Emitter:
             for node in nodes:
                 node.meta[LAYER_KEY] = layer
             return nodes
-        p = self.params(target)
+        p = self.params(target, x)
         scale, zero_point = self.buffer(target, "scale", p.scale), self.buffer(target, "zero_point", p.zero_point)
         if p.spec.mode != "per_step":
             return scale, zero_point
@@ -77,7 +83,7 @@ def _convert_weighted(em: _Emitter, node: torch.fx.Node) -> torch.fx.Node:
     annotation = node.meta[QUANT_KEY]
     args = list(node.args) + [None] * (7 - len(node.args))
     x, bias = args[0], args[2]
-    w = em.params(target_name(path, "weight"))
+    w = em.params(target_name(path, "weight"), node.args[1])
     weight = em.buffer(target_name(path, "weight"), "qvalues", w.qvalues)
     weight_scale = em.buffer(target_name(path, "weight"), "scale", w.scale)
     if annotation.input is not None:

@@ -88,7 +88,7 @@ class Recipe:
             pipeline = self.pipeline()
             Pipeline(pipeline).check_order([])
         except (SettingError, PassError) as err:
-            raise RecipeError(f"{self.source}: recipe {self.name!r}: {err}") from None
+            raise RecipeError(f"{self.source}: recipe {self.name!r}: {str(err).removeprefix(f'{self.source}: ')}") from None
         if not any(p.name == "annotate_quantization" for p in pipeline):
             raise RecipeError(f"{self.source}: recipe {self.name!r} lists no annotate_quantization pass: nothing would be quantized")
 
