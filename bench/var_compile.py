@@ -97,10 +97,6 @@ def measure(title: str, var: VAR, tokenizer: MultiScaleVQ, images: int, rounds: 
 
 
 def main() -> None:
-    # Every QuantizedModel shares one forward, so dynamo counts the compiles of all of them against
-    # one frame's limit (8); each VAR step model needs three (scales 0 and 1 are specialised), and
-    # past the limit dynamo silently runs the rest eagerly.
-    torch._dynamo.config.recompile_limit = 64
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--models", nargs="+", default=["shipped", "d16"], choices=["shipped", "d16"])
     parser.add_argument("--rounds", type=int, default=3)

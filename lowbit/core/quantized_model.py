@@ -8,6 +8,7 @@ makes on its denoiser (``config``, ``dtype``, ``in_channels``...) from the origi
 
 from __future__ import annotations
 
+import types
 from typing import Any
 
 import torch
@@ -32,6 +33,10 @@ class QuantizedModel(torch.nn.Module):
         self.step_arg = step_arg
         self.records = list(records)
         object.__setattr__(self, "_original", original)  # not a submodule: no duplicate weights in state_dict
+        # dynamo keeps compiled graphs, and counts recompiles against its limit (8), per code object: with
+        # one shared forward, every QuantizedModel in a process would spend the same budget (a VAR step
+        # compiles three times), and past it dynamo silently runs the rest eagerly
+        self.forward = types.MethodType(_own_copy(type(self).forward), self)
 
     @property
     def signature(self) -> InputSignature:
@@ -55,3 +60,9 @@ class QuantizedModel(torch.nn.Module):
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self._original, name)
+
+
+def _own_copy(function: types.FunctionType) -> types.FunctionType:
+    """``function`` with a code object of its own (same bytecode), so caches keyed by code are too."""
+    return types.FunctionType(function.__code__.replace(), function.__globals__, function.__name__,
+                              function.__defaults__, function.__closure__)

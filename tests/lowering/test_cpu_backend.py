@@ -138,3 +138,18 @@ def test_a_module_with_nothing_quantized_is_not_compiled_in_silence():
         with torch.no_grad():
             torch.compile(net, backend="lowbit")(torch.randn(2, 8))
     assert any("holds no quantized op, so it runs in full precision" in str(w.message) for w in caught)
+
+
+def test_each_quantized_model_has_its_own_recompile_budget():
+    """Dynamo counts compiles per code object; were forward shared, a second model would find the
+    budget spent and silently run eagerly (with a limit of one compile, it would not be compiled)."""
+    from torch._dynamo.utils import counters
+
+    model, samples = build("pixart"), calibration_set("pixart")
+    first, second = (lowbit.quantize(model, "minmax-w8a8", samples, progress=False) for _ in range(2))
+    torch._dynamo.reset()
+    counters.clear()
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for qmodel in (first, second):
+            torch.compile(qmodel, backend="eager")(**samples[0][1])
+    assert counters["stats"]["unique_graphs"] == 2
