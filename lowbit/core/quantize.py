@@ -38,7 +38,8 @@ def quantize(model: torch.nn.Module, recipe: str | os.PathLike | Recipe, calibra
     ``calibration`` is an iterable of ``(args, kwargs)`` for ``model.forward`` — for a diffusion
     denoiser, the inputs over N prompts × T steps, e.g. :class:`lowbit.DenoiserInputStream`.
     It is read once, one sample at a time, so a stream or generator keeps memory constant.
-    ``step_arg`` names the forward argument that carries the diffusion timestep. ``recipe`` is
+    ``step_arg`` names the forward argument that carries the step (a diffusion denoiser's timestep,
+    a VAR step's scale), by which activation ranges are kept. ``recipe`` is
     a built-in name, the path of a TOML recipe file, or a :class:`Recipe`.
     """
     recipe = get_recipe(recipe)

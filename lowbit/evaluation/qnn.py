@@ -30,6 +30,7 @@ from lowbit.evaluation.harness import alignment_slack, evaluate
 from lowbit.lowering.onnx_qnn import HTPDenoiser, export_schedule
 from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC
 from lowbit.core.quantize import quantize
+from lowbit.ir.capture import batch_size
 
 __all__ = ["ConditioningProbe", "QnnEvalRow", "cfg_examples", "margins", "markdown", "run_qnn_eval"]
 
@@ -74,7 +75,7 @@ def cfg_examples(calibration: list, batch: int, step_arg: str = "timestep") -> d
         t = float(torch.as_tensor(kw[step_arg]).reshape(-1)[0])
         if t in out:
             continue
-        half = next(v.shape[0] for v in pytree.tree_leaves(kw) if isinstance(v, torch.Tensor) and v.dim() > 0) // 2
+        half = batch_size(kw) // 2
         idx = torch.arange(batch // 2) % half
         cut = lambda v: torch.cat([v[idx], v[half + idx]]) if isinstance(v, torch.Tensor) and v.dim() > 0 else v  # noqa: E731
         out[t] = pytree.tree_map(cut, {k: v for k, v in kw.items() if k != "return_dict"})

@@ -24,7 +24,7 @@ from torch.utils import _pytree as pytree
 
 from lowbit.reports.accounting import Cost, cost
 from lowbit.core.calibration import record_inputs
-from lowbit.ir.capture import normalize_inputs
+from lowbit.ir.capture import batch_size, normalize_inputs
 from lowbit.evaluation.grid import save_grid
 from lowbit.evaluation.harness import Sampler, evaluate, prompt_set
 from lowbit.evaluation.metrics import psnr
@@ -169,10 +169,6 @@ def compare_images(images: torch.Tensor, reference: torch.Tensor) -> tuple[float
     return (float(np.mean(finite)) if finite else None), 1.0 - len(finite) / len(values)
 
 
-def _batch(kwargs: dict) -> int:
-    return next(v.shape[0] for v in kwargs.values() if isinstance(v, torch.Tensor) and v.dim() > 0)
-
-
 def _run_cost(model: torch.nn.Module, run: list[tuple[tuple, dict]], step_arg: str) -> tuple[float, Cost]:
     """(BOPs per image summed over the calls ``run``, the cost of its first call). Costs depend on
     shapes only, so each distinct input shape is counted once."""
@@ -184,7 +180,7 @@ def _run_cost(model: torch.nn.Module, run: list[tuple[tuple, dict]], step_arg: s
                     if isinstance(v, torch.Tensor))
         if key not in by_shape:
             by_shape[key] = cost(model, args, kwargs, step_arg=step_arg)
-        total += by_shape[key].bops / _batch(kwargs)
+        total += by_shape[key].bops / batch_size(kwargs)
     return total, next(iter(by_shape.values()))
 
 

@@ -26,7 +26,8 @@ from torch.utils import _pytree as pytree
 
 from lowbit.ir.annotations import LAYER_KEY, LayerInfo
 
-__all__ = ["CaptureError", "InputSignature", "SIGNATURE_KEY", "TensorSpec", "capture", "module_path", "normalize_inputs", "unique_path"]
+__all__ = ["CaptureError", "InputSignature", "SIGNATURE_KEY", "TensorSpec", "batch_size", "capture", "module_path",
+           "normalize_inputs", "unique_path"]
 
 SIGNATURE_KEY = "lowbit.signature"
 _WEIGHTED = {
@@ -108,6 +109,12 @@ def _bound_arguments(model: torch.nn.Module, args: tuple, kwargs: dict) -> dict[
     return out
 
 
+def batch_size(inputs: Any) -> int | None:
+    """The leading size of the first tensor with a dimension among ``inputs`` (None if there is none)."""
+    first = next((v for v in pytree.tree_leaves(inputs) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
+    return None if first is None else first.shape[0]
+
+
 def normalize_inputs(model: torch.nn.Module, args: tuple, kwargs: dict | None, step_arg: str | None) -> dict[str, Any]:
     """All inputs as keyword arguments in one canonical form.
 
@@ -118,11 +125,9 @@ def normalize_inputs(model: torch.nn.Module, args: tuple, kwargs: dict | None, s
     kwargs = {k: v for k, v in (kwargs or {}).items() if k != "return_dict"}  # also for models that take none
     out = {k: v for k, v in _bound_arguments(model, tuple(args), kwargs).items() if v is not None}
     if step_arg is not None and step_arg in out:
-        first = next((v for v in pytree.tree_leaves(out) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-        batch = first.shape[0] if first is not None else 1
         t = torch.as_tensor(out[step_arg]).float().reshape(-1)
         if t.numel() == 1:
-            t = t.expand(batch).clone()
+            t = t.expand(batch_size(out) or 1).clone()
         out[step_arg] = t
     return out
 
@@ -224,10 +229,9 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
     :class:`InputSignature` that calls must match.
     """
     kw = normalize_inputs(model, args, kwargs, step_arg)
-    first = next((v for v in pytree.tree_leaves(kw) if isinstance(v, torch.Tensor) and v.dim() > 0), None)
-    if first is None:
+    batch = batch_size(kw)
+    if batch is None:
         raise CaptureError(f"{type(model).__name__}: no tensor input with a batch dimension among {sorted(kw)}")
-    batch = first.shape[0]
     _check_no_float64(model, kw)
     dims = _dynamic_dims(model)
     unknown = set(dims) - set(kw)

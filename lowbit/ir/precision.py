@@ -75,8 +75,9 @@ class Precision:
     ``quantize_probs`` False leaves the probabilities alone (LiteVAR). ``activation_mode``
     "per_step" keeps one activation range per calibrated step (TFMQ-DM, DGQ eq. 7); "dynamic"
     takes each range from the tensor at run time (LiteVAR §4: min-max per token for linear inputs,
-    Q and K; per tensor for V), so it needs no calibration but has no form on the phone's HTP. ``keep_io_layers`` keeps the model's first and last weighted layers in
-    floating point (Q-Diffusion and DGQ do). ``attention_scheme`` "log2" is DGQ eq. 2 for the
+    Q and K; per tensor for V), so it needs no calibration but has no form on the phone's HTP.
+    ``keep_io_layers`` keeps the model's first and last weighted layers in floating point
+    (Q-Diffusion and DGQ do). ``attention_scheme`` "log2" is DGQ eq. 2 for the
     probabilities; ``dynamic_attention_scale`` takes their scale from the tensor at run time (eq. 8).
     """
 

@@ -58,8 +58,8 @@ def _annotation(precision: Precision, layer: LayerPrecision, kind: str, has_step
     if precision.quantize_probs:
         probs = QuantSpec(layer.attention_bits, scheme=precision.attention_scheme,
                           mode="dynamic" if precision.dynamic_attention_scale or mode == "dynamic" else mode)
-    return QuantAnnotation(query=_activation(layer.qkv_bits, mode, per_token=True), key=_activation(layer.qkv_bits, mode, per_token=True),
-                           value=_activation(layer.qkv_bits, mode, per_token=False), probs=probs)
+    query_key = _activation(layer.qkv_bits, mode, per_token=True)
+    return QuantAnnotation(query=query_key, key=query_key, value=_activation(layer.qkv_bits, mode, per_token=False), probs=probs)
 
 
 class AnnotateQuantization(Pass):
