@@ -1,4 +1,5 @@
-"""CPU target: quantized linears as int8 x int8 -> int32 GEMMs (``torch._int_mm``, VNNI here).
+"""CPU target: quantized linears as int8 x int8 -> int32 GEMMs (``torch._int_mm``, fast only where the
+host has VNNI or AMX: see bench/gemm_cpu.py).
 
 lowbit stores activations as asymmetric integers in [qmin, qmax] with a zero point z, weights as
 symmetric int8 with one scale per output channel. Shifting the activation integers by
