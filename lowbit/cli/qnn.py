@@ -1,9 +1,10 @@
-"""``lowbit export --target qnn-htp``, ``lowbit verify-qnn`` and ``lowbit eval-qnn``: the command-line side of the QNN lowering.
+"""``lowbit export --target qnn-htp``, ``lowbit verify-qnn`` and ``lowbit eval-qnn``: the command-line
+side of the QNN lowering.
 
 ``export`` quantizes a shipped model (the reference digits model, the digits VAR or a small diffusers
-config), writes one HTP graph per step of its sampling schedule (timestep, or VAR scale), the example inputs of each, the
-quantized model itself (to compare against), a manifest, and the weight-shared EPContext binary
-a phone loads. ``verify-qnn`` loads one exported graph on the HTP with CPU fallback disabled,
+config), writes one HTP graph per step of its sampling schedule (timestep, or VAR scale), the
+example inputs of each, the quantized model itself (to compare against), a manifest, and the
+weight-shared EPContext binary a phone loads. ``verify-qnn`` loads one exported graph on the HTP with CPU fallback disabled,
 names any node that would not map, compares it with lowbit's eager module when the export folder
 holds one, and writes that graph's EPContext model. ``eval-qnn`` samples the reference model or
 VAR with the HTP graphs in the model's place and scores the images beside lowbit's eager module.

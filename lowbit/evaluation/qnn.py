@@ -3,7 +3,8 @@
 A shipped model is quantized and exported as one QNN HTP graph per step — each timestep of the
 reference model's 25-step DPM-Solver schedule, or each scale of VAR (its KV cache as graph inputs
 and outputs) — and the HTP sessions (``HTPDenoiser``) run a whole sampling run that the
-evaluation harness scores beside lowbit's eager quantized model, on the same prompts and seeds. Besides the harness's metrics it measures how strongly each denoiser follows the text:
+evaluation harness scores beside lowbit's eager quantized model, on the same prompts and seeds.
+Besides the harness's metrics it measures how strongly each denoiser follows the text:
 the mean norm of the classifier-free-guidance difference eps(text) - eps(empty prompt) over every
 call of the run. Users report QNN W8A16 UNets whose conditioning is 20x weaker than in PyTorch;
 here the ratio HTP / eager is the check.
