@@ -10,9 +10,11 @@ from lowbit.core.quantized_model import QuantizedModel
 from lowbit.core.serialization import load, save
 from lowbit.recipes import Recipe, RecipeError, recipes
 from lowbit.reports.layer_report import layer_report
+from lowbit.reports.mixed_precision import mixed_precision
+from lowbit.reports.sensitivity import sensitivity
 
 __all__ = ["DenoiserInputStream", "QuantizedModel", "Recipe", "RecipeError", "export_onnx", "layer_report", "load",
-           "quantize", "recipes", "record_denoiser_inputs", "save", "verify_qnn"]
+           "mixed_precision", "quantize", "recipes", "record_denoiser_inputs", "save", "sensitivity", "verify_qnn"]
 
 _LAZY = {"export_onnx", "verify_qnn"}
 

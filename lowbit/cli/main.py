@@ -17,6 +17,7 @@ import torch
 from lowbit.cli.arguments import at_least, positive_int
 from lowbit.cli.qnn import add_commands as add_qnn_commands
 from lowbit.core.calibration import DenoiserInputStream
+from lowbit.core.distributed import DistributedError, first_rank_only, is_distributed, launched, rank, shard, world_size
 from lowbit.core.quantize import quantize
 from lowbit.core.serialization import save
 from lowbit.core.staging import OutputExistsError, add_output_arguments, output_folder, staged_folder
@@ -32,14 +33,18 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.pipelines import pipeline_calls, tiny_pipeline
 
     recipe = get_recipe(args.recipe)
-    out = output_folder(args)
+    out = first_rank_only(lambda: output_folder(args))
     pipe = tiny_pipeline(args.model)
     denoiser_attr = "transformer" if args.model == "pixart" else "unet"
     denoiser = getattr(pipe, denoiser_attr)
-    print(f"lowbit: {args.model} ({type(denoiser).__name__}, "
-          f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters), recipe {recipe.name}")
-    calib = DenoiserInputStream(pipe, pipeline_calls(args.model, args.prompts, args.steps, seed=0))  # memory: one prompt's inputs
+    if rank() == 0:
+        print(f"lowbit: {args.model} ({type(denoiser).__name__}, "
+              f"{sum(p.numel() for p in denoiser.parameters()) / 1e6:.2f}M parameters), recipe {recipe.name}")
+    # memory: one prompt's inputs; under torchrun each process calibrates on every n-th prompt
+    calib = DenoiserInputStream(pipe, shard(pipeline_calls(args.model, args.prompts, args.steps, seed=0), "calibration prompts"))
     qmodel = quantize(denoiser, recipe, calib)
+    if rank() != 0:  # the same model on every process; the first one reports (its errors on its own shard) and writes
+        return 0
     for record in qmodel.records:
         print("  pass", record.summary())
     rows = layer_report(qmodel, calib)
@@ -63,13 +68,43 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     from lowbit.evaluation.run import markdown, run_eval, write_results
 
-    out = output_folder(args)
+    out = first_rank_only(lambda: output_folder(args))
     rows, grid = run_eval([get_recipe(r) for r in args.recipe], args.samples, seed=args.seed,
                           steps=args.steps, calibration_prompts=args.calibration_prompts, model_name=args.model)
+    if rank() != 0:  # every process holds the same table; the first one reports it
+        return 0
     print(markdown(rows))
     with staged_folder(out, overwrite=args.overwrite) as tmp:
         write_results(rows, grid, tmp)
     print(f"lowbit: wrote {out}/eval.csv, {out}/eval.md, {out}/samples.png")
+    return 0
+
+
+def _cmd_sensitivity(args: argparse.Namespace) -> int:
+    from lowbit.core.quantize import calibrate
+    from lowbit.evaluation.run import EVAL_MODELS
+    from lowbit.reports.mixed_precision import assign, parse_setting
+    from lowbit.reports.sensitivity import markdown, measure, plot, write_csv
+
+    recipe = get_recipe(args.recipe)
+    parse_setting(args.raise_to)
+    out = first_rank_only(lambda: output_folder(args))
+    subject = EVAL_MODELS[args.model](steps=args.steps, calibration_prompts=args.calibration_prompts, progress=True)
+    calibrated = calibrate(subject.model, recipe, subject.calibration, step_arg=subject.step_arg, keep=args.samples)
+    rows = measure(calibrated, args.by)
+    mixed = assign(calibrated, rows, budget=args.budget, metric=args.metric, raise_to=args.raise_to)
+    if rank() != 0:
+        return 0
+    table = markdown(rows)
+    print(table)
+    print(f"lowbit: {mixed.summary()}")
+    with staged_folder(out, overwrite=args.overwrite) as tmp:
+        write_csv(rows, tmp / "sensitivity.csv")
+        (tmp / "sensitivity.md").write_text(f"{args.model}, {recipe.name}, per {args.by}, {len(calibrated.samples)} samples\n\n"
+                                            f"{table}\n\n{mixed.summary()}\n")
+        plot(rows, tmp / "sensitivity.png", f"{args.model}: each {args.by} alone at {recipe.name}", mixed.raised)
+        (tmp / "mixed.toml").write_text(mixed.recipe.to_toml())
+    print(f"lowbit: wrote {out}/sensitivity.csv, {out}/sensitivity.md, {out}/sensitivity.png, {out}/mixed.toml")
     return 0
 
 
@@ -111,7 +146,7 @@ def _parser() -> argparse.ArgumentParser:
                    default=25, help="denoising steps per prompt (DGQ uses 25)")
     q.add_argument("--samples", type=positive_int, default=4, help="images generated for the comparison picture")
     add_output_arguments(q, "out/quantize")
-    q.set_defaults(func=_cmd_quantize)
+    q.set_defaults(func=_cmd_quantize, sharded=True)
     e = sub.add_parser("eval", help="full precision and recipes side by side on a shipped model")
     e.add_argument("--model", default="reference", choices=list(EVAL_MODELS),
                    help="the shipped reference model, the same function with planted channel outliers "
@@ -122,7 +157,20 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--steps", type=positive_int, default=25, help="sampling steps (DGQ uses 25; VAR takes one per scale)")
     e.add_argument("--calibration-prompts", type=positive_int, default=64, help="calibration prompts or classes (DGQ uses 64)")
     add_output_arguments(e, "out/eval")
-    e.set_defaults(func=_cmd_eval)
+    e.set_defaults(func=_cmd_eval, sharded=True)
+    s = sub.add_parser("sensitivity", help="each layer type (or layer) quantized alone; a mixed recipe within a budget")
+    s.add_argument("--model", default="reference", choices=list(EVAL_MODELS), help="the shipped model to analyse")
+    s.add_argument("--recipe", default="minmax-w4a8", help="the low recipe: a built-in name or a .toml file")
+    s.add_argument("--by", default="type", choices=("type", "layer"),
+                   help="group layers by type (block indices as *, e.g. blocks.*.ffn.fc2) or take each layer alone")
+    s.add_argument("--budget", type=float, default=1.1, help="the mixed recipe's cost, times the uniform recipe's")
+    s.add_argument("--metric", default="bops", choices=("bops", "size"), help="the cost the budget bounds")
+    s.add_argument("--raise-to", default="w8a8", help="the setting sensitive groups get: wXaY (w8a8, w8a16) or float")
+    s.add_argument("--samples", type=positive_int, default=8, help="calibration samples the errors are measured on")
+    s.add_argument("--steps", type=positive_int, default=25, help="sampling steps (VAR takes one per scale)")
+    s.add_argument("--calibration-prompts", type=positive_int, default=16, help="calibration prompts or classes")
+    add_output_arguments(s, "out/sensitivity")
+    s.set_defaults(func=_cmd_sensitivity, sharded=True)
     f = sub.add_parser("figures", help="DGQ Figures 4 and 5 for one layer: activation heatmap, attention histogram (PNG)")
     f.add_argument("--layer", required=True, help="a linear layer whose input is pictured, e.g. transformer_blocks.2.attn1.to_q")
     f.add_argument("--attention", default=None, help="the cross-attention to histogram (default: attn2 of the layer's block)")
@@ -140,10 +188,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. Launched by torchrun, the commands that shard their work (``eval``, ``quantize``, ``sensitivity``) split it
+    over the processes and the first one writes the outputs; the others refuse to run there."""
     args = _parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (RecipeError, PassError, ValueError, OutputExistsError) as err:
+        with launched():
+            if is_distributed() and not getattr(args, "sharded", False):
+                raise ValueError(f"'lowbit {args.command}' runs in one process: launch it without torchrun "
+                                 f"(it was launched as {world_size()} processes); 'lowbit eval', 'quantize' and 'sensitivity' shard their work")
+            return args.func(args)
+    except (RecipeError, PassError, ValueError, OutputExistsError, DistributedError) as err:
         print(f"lowbit: error: {err}", file=sys.stderr)
         return 2
 

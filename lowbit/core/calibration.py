@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from lowbit.core.distributed import rank
+
 __all__ = ["DenoiserInputStream", "record_denoiser_inputs", "record_inputs"]
 
 
@@ -38,7 +40,7 @@ def record_inputs(module: torch.nn.Module, run: Callable[[], object], *, total: 
                   progress: bool = True) -> list[tuple[tuple, dict]]:
     """Every ``(args, kwargs)`` that ``module`` is called with while ``run()`` executes."""
     recorded: list[tuple[tuple, dict]] = []
-    bar = tqdm(total=total, desc="recording calibration inputs", disable=not progress, leave=False)
+    bar = tqdm(total=total, desc="recording calibration inputs", disable=not progress or rank() != 0, leave=False)
 
     def hook(_, args, kwargs):
         recorded.append((_detached(args), _detached(kwargs)))
@@ -68,7 +70,8 @@ class DenoiserInputStream:
         self.denoiser = _denoiser(pipe)
 
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:
-        for call in tqdm(self.calls, desc="calibration prompts", disable=not self.progress or len(self.calls) < 2, leave=False):
+        for call in tqdm(self.calls, desc="calibration prompts", disable=not self.progress or len(self.calls) < 2 or rank() != 0,
+                         leave=False):
             yield from record_inputs(self.denoiser, lambda call=call: self.pipe(**call),
                                      total=int(call.get("num_inference_steps", 50)), progress=self.progress)
 

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from lowbit.core.distributed import map_sharded, rank, world_size
 from lowbit.evaluation.metrics import alignment, frechet_distance, inception_score
 from lowbit.models import digits
 from lowbit.models.classifier import DigitClassifier, load_classifier
@@ -70,10 +71,21 @@ def prompt_set(n: int, which: str, seed: int) -> tuple[list[str], torch.Tensor, 
 
 
 def _generate(sampler: Sampler, prompts: list[str], seeds: list[int], batch_size: int, desc: str) -> torch.Tensor:
-    chunks = []
-    for i in tqdm(range(0, len(prompts), batch_size), desc=desc, leave=False):
-        chunks.append(sampler(prompts[i : i + batch_size], seeds[i : i + batch_size]).float())
-    return torch.cat(chunks)
+    """The images of ``prompts`` and ``seeds``, ``batch_size`` at a time; under torchrun each process
+    samples every n-th batch and all receive every image (the batches are those of one process, so
+    the images are too)."""
+    batches = [(prompts[i : i + batch_size], seeds[i : i + batch_size]) for i in range(0, len(prompts), batch_size)]
+    bar = tqdm(total=math.ceil(len(batches) / world_size()), desc=desc, leave=False, disable=rank() != 0)
+
+    def generate(batch: tuple[list[str], list[int]]) -> torch.Tensor:
+        images = sampler(*batch).float()
+        bar.update(1)
+        return images
+
+    try:
+        return torch.cat(map_sharded(generate, batches))
+    finally:
+        bar.close()
 
 
 @torch.no_grad()

@@ -6,6 +6,9 @@ with each recipe, and every model is scored by the same harness on the same prom
 digit-FID, IS, alignment on seen and held-out phrasings, PSNR against the full-precision samples,
 BOPs (per denoiser call, or per VAR image over its scales) and model size. Results are one table (printed,
 and written as CSV and markdown) and one PNG grid, a row per model, the same seeds per column.
+
+Under torchrun the calibration chunks and the image batches are shared out between the processes
+(``lowbit.core.distributed``); the batches are those of one process, so the table is too.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from torch.utils import _pytree as pytree
 
 from lowbit.reports.accounting import Cost, cost
 from lowbit.core.calibration import record_inputs
+from lowbit.core.distributed import shard
 from lowbit.ir.capture import batch_size, normalize_inputs
 from lowbit.evaluation.grid import save_grid
 from lowbit.evaluation.harness import Sampler, evaluate, prompt_set
@@ -63,7 +67,7 @@ class EvalRow:
 
 class ReferenceCalibration:
     """The denoiser's inputs while the reference sampler draws ``prompts`` images (CFG batched),
-    produced ``chunk`` prompts at a time.
+    produced ``chunk`` prompts at a time; under torchrun, each process produces every n-th chunk.
 
     Iterating holds one chunk's sampling run (``steps`` inputs of 2 x chunk images) in memory,
     never all prompts' — with ``lowbit.quantize``'s streaming statistics, calibration memory does
@@ -75,13 +79,17 @@ class ReferenceCalibration:
             raise ValueError(f"prompts and chunk must be positive; got {prompts}, {chunk}")
         self.model, self.prompts, self.steps, self.chunk, self.progress = model, prompts, steps, chunk, progress
 
+    def chunks(self) -> list[int]:
+        """The first prompt of each chunk this process samples: all of them, or its shard under torchrun."""
+        return shard(range(0, self.prompts, self.chunk), f"calibration chunks of {self.chunk} prompts")
+
     def __len__(self) -> int:
         """Denoiser calls per pass: one per step for each chunk (the progress bars' total)."""
-        return math.ceil(self.prompts / self.chunk) * self.steps
+        return len(self.chunks()) * self.steps
 
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:
         texts, _, seeds = prompt_set(self.prompts, "seen", CALIBRATION_SEED)
-        for i in range(0, self.prompts, self.chunk):
+        for i in self.chunks():
             emb, mask = text_encoder.encode(texts[i : i + self.chunk])
             run = lambda: sample(self.model, emb, seeds[i : i + self.chunk], self.steps, prompt_mask=mask)  # noqa: E731
             yield from record_inputs(self.model, run, total=self.steps, progress=self.progress)
@@ -103,12 +111,15 @@ class VARCalibration:
             raise ValueError(f"prompts and chunk must be positive; got {prompts}, {chunk}")
         self.step, self.var, self.tokenizer, self.prompts, self.chunk = step, var, tokenizer, prompts, chunk
 
+    def chunks(self) -> list[int]:
+        return shard(range(0, self.prompts, self.chunk), f"calibration chunks of {self.chunk} images")
+
     def __len__(self) -> int:
-        return math.ceil(self.prompts / self.chunk) * self.var.config.scales
+        return len(self.chunks()) * self.var.config.scales
 
     def __iter__(self) -> Iterator[tuple[tuple, dict]]:
         _, labels, seeds = prompt_set(self.prompts, "seen", CALIBRATION_SEED)
-        for i in range(0, self.prompts, self.chunk):
+        for i in self.chunks():
             trace: list[dict] = []
             sample_var(self.step, self.var, self.tokenizer, labels[i : i + self.chunk], seeds[i : i + self.chunk], trace=trace)
             yield from (((), kwargs) for kwargs in trace)

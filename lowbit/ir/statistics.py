@@ -98,6 +98,10 @@ class RangeStatistics:
     def max(self) -> float:
         return float(self.channel_max.max())
 
+    def to(self, device: torch.device | str) -> RangeStatistics:
+        return RangeStatistics(self.channel_min.to(device), self.channel_max.to(device), self.token_min.to(device),
+                               self.token_max.to(device), self.count)
+
     def nbytes(self) -> int:
         tensors = (self.channel_min, self.channel_max, self.token_min, self.token_max)
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -134,6 +138,14 @@ class ObservationStore:
         for observed in per_t[1:]:
             out = out.merge(observed)
         return out
+
+    def to(self, device: torch.device | str) -> ObservationStore:
+        """The same statistics on ``device`` (to send them between processes through the CPU)."""
+        return ObservationStore({t: {k: s.to(device) for k, s in per_t.items()} for t, per_t in self.stats.items()})
+
+    def device(self) -> torch.device:
+        """Where the statistics are (the device the model was calibrated on); the CPU when empty."""
+        return next((s.channel_min.device for per_t in self.stats.values() for s in per_t.values()), torch.device("cpu"))
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for per_t in self.stats.values() for s in per_t.values())
