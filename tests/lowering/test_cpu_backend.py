@@ -12,7 +12,8 @@ from lowbit.lowering.backend import BackendOptions, compile_reports
 from lowbit.lowering.cpu import group_linear, int8_linear
 from lowbit.models.reference import load_reference_model
 from lowbit.models.tiny import build
-from tests.conftest import calibration_set
+from lowbit.recipes import Recipe
+from tests.conftest import MIXED_RECIPE, calibration_set
 
 
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -82,12 +83,13 @@ def _reference_calibration(model, prompts=2, steps=3):
 _FRACTION_OF_QUANTIZATION_ERROR = 0.5
 
 
-@pytest.mark.parametrize("recipe", ["minmax-w8a8", "dgq-w8a8"])
+@pytest.mark.parametrize("recipe", ["minmax-w8a8", "dgq-w8a8", "mixed"])
 def test_compiled_reference_model_matches_eager_quantized(recipe):
+    """"mixed": W4A8 with one MLP at W8A8 and proj_out in float (tests/conftest.py), in one graph."""
     torch._dynamo.reset()
     model = load_reference_model()
     calibration = _reference_calibration(model)
-    qmodel = lowbit.quantize(model, recipe, calibration, progress=False)
+    qmodel = lowbit.quantize(model, Recipe.from_toml(MIXED_RECIPE) if recipe == "mixed" else recipe, calibration, progress=False)
     args, kwargs = calibration[-1]
     with torch.no_grad():
         out = torch.compile(qmodel, backend="lowbit")(*args, **kwargs)[0]

@@ -8,7 +8,8 @@ import torch
 import lowbit
 from lowbit.lowering.backend import compile_reports
 from lowbit.models.tiny import build
-from tests.conftest import calibration_set
+from lowbit.recipes import Recipe
+from tests.conftest import MIXED_RECIPE, calibration_set
 
 # The model and its inputs stay on the CPU, where Triton kernels run only in its interpreter (which
 # @triton.jit reads from TRITON_INTERPRET when a kernel module is imported). Without CUDA,
@@ -22,12 +23,13 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 
 
-@pytest.mark.parametrize("recipe", ["minmax-w8a8", "dgq-w8a8"])
+@pytest.mark.parametrize("recipe", ["minmax-w8a8", "dgq-w8a8", "mixed"])
 def test_triton_target_matches_eager_quantized(recipe):
+    """"mixed": W4A8 with one MLP at W8A8 and proj_out in float (tests/conftest.py), in one graph."""
     torch._dynamo.reset()
     model = build("pixart")
     calibration = calibration_set("pixart")
-    qmodel = lowbit.quantize(model, recipe, calibration, progress=False)
+    qmodel = lowbit.quantize(model, Recipe.from_toml(MIXED_RECIPE) if recipe == "mixed" else recipe, calibration, progress=False)
     compiled = torch.compile(qmodel, backend="lowbit", options={"target": "triton"})
     kwargs = calibration[1][1]
     with torch.no_grad():
