@@ -78,3 +78,18 @@ def test_the_assignment_stays_within_its_budget(planted, metric, budget):
 def test_a_setting_that_is_not_a_bit_width_is_refused():
     with pytest.raises(ValueError, match="give 'float' or 'wXaY'"):
         lowbit.mixed_precision(torch.nn.Linear(2, 2), "minmax-w4a8", [], raise_to="int8")
+
+
+def test_the_command_writes_the_table_the_chart_and_a_recipe_that_loads(tmp_path, capsys):
+    from lowbit.cli.main import main
+    from lowbit.recipes import get_recipe
+
+    out = tmp_path / "var"
+    assert main(["sensitivity", "--model", "var", "--recipe", "litevar-w4a8", "--calibration-prompts", "4",
+                 "--samples", "2", "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} >= {"sensitivity.csv", "sensitivity.md", "sensitivity.png", "mixed.toml"}
+    assert "`blocks.*.ffn.fc2`" in capsys.readouterr().out
+    recipe = get_recipe(out / "mixed.toml")
+    assert recipe.name == "litevar-w4a8-mp1.1x" and recipe.precision.weight_bits == 4
+    assert main(["sensitivity", "--model", "var", "--budget", "0.9", "--out", str(tmp_path / "x")]) == 2
+    assert "--budget 0.9 is below 1" in capsys.readouterr().err

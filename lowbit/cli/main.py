@@ -88,6 +88,8 @@ def _cmd_sensitivity(args: argparse.Namespace) -> int:
 
     recipe = get_recipe(args.recipe)
     parse_setting(args.raise_to)
+    if args.budget < 1:
+        raise ValueError(f"--budget {args.budget:g} is below 1: the uniform recipe itself would not fit")
     out = first_rank_only(lambda: output_folder(args))
     subject = EVAL_MODELS[args.model](steps=args.steps, calibration_prompts=args.calibration_prompts, progress=True)
     calibrated = calibrate(subject.model, recipe, subject.calibration, step_arg=subject.step_arg, keep=args.samples)
@@ -188,8 +190,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command. Launched by torchrun, the commands that shard their work (``eval``, ``quantize``, ``sensitivity``) split it
-    over the processes and the first one writes the outputs; the others refuse to run there."""
+    """Run one command. Launched by torchrun, the commands that shard their work (``eval``, ``quantize``,
+    ``sensitivity``) split it over the processes and the first one writes the outputs; the others refuse."""
     args = _parser().parse_args(argv)
     try:
         with launched():
