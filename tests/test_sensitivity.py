@@ -92,4 +92,4 @@ def test_the_command_writes_the_table_the_chart_and_a_recipe_that_loads(tmp_path
     recipe = get_recipe(out / "mixed.toml")
     assert recipe.name == "litevar-w4a8-mp1.1x" and recipe.precision.weight_bits == 4
     assert main(["sensitivity", "--model", "var", "--budget", "0.9", "--out", str(tmp_path / "x")]) == 2
-    assert "--budget 0.9 is below 1" in capsys.readouterr().err
+    assert "budget 0.9 is below 1: the uniform recipe itself would not fit" in capsys.readouterr().err

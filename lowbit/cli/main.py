@@ -83,13 +83,11 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 def _cmd_sensitivity(args: argparse.Namespace) -> int:
     from lowbit.core.quantize import calibrate
     from lowbit.evaluation.run import EVAL_MODELS
-    from lowbit.reports.mixed_precision import assign, parse_setting
+    from lowbit.reports.mixed_precision import assign, check_request
     from lowbit.reports.sensitivity import markdown, measure, plot, write_csv
 
     recipe = get_recipe(args.recipe)
-    parse_setting(args.raise_to)
-    if args.budget < 1:
-        raise ValueError(f"--budget {args.budget:g} is below 1: the uniform recipe itself would not fit")
+    check_request(args.budget, args.raise_to)
     out = first_rank_only(lambda: output_folder(args))
     subject = EVAL_MODELS[args.model](steps=args.steps, calibration_prompts=args.calibration_prompts, progress=True)
     calibrated = calibrate(subject.model, recipe, subject.calibration, step_arg=subject.step_arg, keep=args.samples)

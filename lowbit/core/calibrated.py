@@ -40,8 +40,7 @@ class Calibrated:
 
     def quantized_layers(self) -> dict[str, str]:
         """Path -> kind of every layer the recipe quantizes."""
-        return {n.meta[LAYER_KEY].path: n.meta[LAYER_KEY].kind for n in self.graph.graph.nodes
-                if LAYER_KEY in n.meta and QUANT_KEY in n.meta}
+        return _quantized_layers(self.graph)
 
     def decide(self) -> QuantizedModel:
         """The recipe's quantized model (this calibration's graph and context are used up)."""
@@ -61,7 +60,7 @@ class Calibrated:
         if precision is not None:
             quantized = set(self.quantized_layers())
             Pipeline([AnnotateQuantization()]).run(graph, context)
-            added = sorted(set(_annotated(graph)) - quantized)
+            added = sorted(set(_quantized_layers(graph)) - quantized)
             if added:
                 raise ValueError(f"the precision quantizes {added}, which recipe {self.recipe.name!r} keeps in floating point: "
                                  f"they were not calibrated; calibrate with a recipe that quantizes them")
@@ -78,5 +77,5 @@ class Calibrated:
                               self.records + passes.records)
 
 
-def _annotated(graph: torch.fx.GraphModule) -> list[str]:
-    return [n.meta[LAYER_KEY].path for n in graph.graph.nodes if LAYER_KEY in n.meta and QUANT_KEY in n.meta]
+def _quantized_layers(graph: torch.fx.GraphModule) -> dict[str, str]:
+    return {n.meta[LAYER_KEY].path: n.meta[LAYER_KEY].kind for n in graph.graph.nodes if LAYER_KEY in n.meta and QUANT_KEY in n.meta}

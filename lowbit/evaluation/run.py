@@ -23,12 +23,11 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
-from torch.utils import _pytree as pytree
 
-from lowbit.reports.accounting import Cost, cost
+from lowbit.reports.accounting import Cost, costs
 from lowbit.core.calibration import record_inputs
 from lowbit.core.distributed import shard
-from lowbit.ir.capture import batch_size, normalize_inputs
+from lowbit.ir.capture import batch_size
 from lowbit.evaluation.grid import save_grid
 from lowbit.evaluation.harness import Sampler, evaluate, prompt_set
 from lowbit.evaluation.metrics import psnr
@@ -181,18 +180,9 @@ def compare_images(images: torch.Tensor, reference: torch.Tensor) -> tuple[float
 
 
 def _run_cost(model: torch.nn.Module, run: list[tuple[tuple, dict]], step_arg: str) -> tuple[float, Cost]:
-    """(BOPs per image summed over the calls ``run``, the cost of its first call). Costs depend on
-    shapes only, so each distinct input shape is counted once."""
-    by_shape: dict[tuple, Cost] = {}
-    total = 0.0
-    for args, kwargs in run:
-        inputs = normalize_inputs(getattr(model, "original", model), args, kwargs, step_arg)
-        key = tuple((pytree.keystr(k), tuple(v.shape)) for k, v in pytree.tree_leaves_with_path(inputs)
-                    if isinstance(v, torch.Tensor))
-        if key not in by_shape:
-            by_shape[key] = cost(model, args, kwargs, step_arg=step_arg)
-        total += by_shape[key].bops / batch_size(kwargs)
-    return total, next(iter(by_shape.values()))
+    """(BOPs per image summed over the calls ``run``, the cost of its first call)."""
+    per_call = costs(model, run, step_arg=step_arg)
+    return sum(c.bops / batch_size(kwargs) for c, (_, kwargs) in zip(per_call, run)), per_call[0]
 
 
 def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps: int = 25, calibration_prompts: int = 64,

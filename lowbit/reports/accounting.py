@@ -13,16 +13,18 @@ reference ops broadcast; ``quant_param_bytes`` is that part alone (DGQ: 2.29 MB 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterable
 
 import torch
 import torch.fx
+from torch.utils import _pytree as pytree
 
 from lowbit.ir.annotations import QUANT_KEY
 from lowbit.ir.capture import capture, normalize_inputs
 from lowbit.ir.schema import QuantizedAttention, QuantizedConv2d, QuantizedLinear, schema_class
 from lowbit.core.quantized_model import QuantizedModel
 
-__all__ = ["Cost", "cost"]
+__all__ = ["Cost", "cost", "costs"]
 
 aten = torch.ops.aten
 FP_BITS = 32.0
@@ -121,3 +123,18 @@ def cost(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None, *
     counter = _Counter(gm)
     counter.run(*gm.graph._codegen.process_inputs((), inputs))
     return Cost(counter.flops, counter.bops, *_size(model))
+
+
+def costs(model: torch.nn.Module, calls: Iterable[tuple[tuple, dict]], *, step_arg: str | None = "timestep") -> list[Cost]:
+    """:func:`cost` of each ``(args, kwargs)`` call. Costs depend on the input shapes only, so each
+    distinct shape is counted once."""
+    reference = model.original if isinstance(model, QuantizedModel) else model
+    by_shape: dict[tuple, Cost] = {}
+    out = []
+    for args, kwargs in calls:
+        inputs = normalize_inputs(reference, args, kwargs, step_arg)
+        key = tuple((pytree.keystr(k), tuple(v.shape)) for k, v in pytree.tree_leaves_with_path(inputs) if isinstance(v, torch.Tensor))
+        if key not in by_shape:
+            by_shape[key] = cost(model, args, kwargs, step_arg=step_arg)
+        out.append(by_shape[key])
+    return out

@@ -26,7 +26,7 @@ from lowbit.core.quantized_model import QuantizedModel
 from lowbit.recipes import Recipe, get_recipe
 from lowbit.reports.sensitivity import GroupBy, Sensitivity, bops_and_size, measure
 
-__all__ = ["Metric", "MixedPrecision", "assign", "mixed_precision", "parse_setting"]
+__all__ = ["Metric", "MixedPrecision", "assign", "check_request", "mixed_precision", "parse_setting"]
 
 Metric = Literal["bops", "size"]
 
@@ -39,6 +39,13 @@ def parse_setting(setting: str) -> tuple[float, float] | None:
     if not match:
         raise ValueError(f"raise_to {setting!r}: give 'float' or 'wXaY' with X and Y bit-widths, e.g. 'w8a8' or 'w8a16'")
     return float(match[1]), float(match[2])
+
+
+def check_request(budget: float, raise_to: str) -> None:
+    """Refuse a budget or setting that cannot work, before any calibration."""
+    if budget < 1:
+        raise ValueError(f"budget {budget:g} is below 1: the uniform recipe itself would not fit")
+    parse_setting(raise_to)
 
 
 @dataclass(frozen=True)
@@ -94,8 +101,7 @@ def assign(calibrated: Calibrated, rows: list[Sensitivity], *, budget: float, me
     """The groups of ``rows`` to raise to ``raise_to`` so that the cost stays within ``budget`` times the
     uniform recipe's, chosen by error recovered per unit of cost; groups that raising does not change
     (already at the setting) are left out."""
-    if budget < 1:
-        raise ValueError(f"budget {budget:g} is below 1: the uniform recipe itself would not fit")
+    check_request(budget, raise_to)
     recipe = calibrated.recipe
     uniform = _cost(calibrated, recipe, metric)
     limit = budget * uniform
@@ -121,6 +127,6 @@ def mixed_precision(model: torch.nn.Module, recipe: str | os.PathLike | Recipe, 
     ``raise_to`` within ``budget`` times its ``metric`` (BOPs per call, or model size), with the
     sensitivity table it was chosen from. One capture and one calibration pass in all."""
     recipe = get_recipe(recipe)
-    parse_setting(raise_to)  # refused before the long work
+    check_request(budget, raise_to)  # refused before the long work
     calibrated = calibrate(model, recipe, calibration, step_arg=step_arg, keep=samples, progress=progress)
     return assign(calibrated, measure(calibrated, by, progress=progress), budget=budget, metric=metric, raise_to=raise_to)

@@ -28,7 +28,7 @@ from lowbit.core.distributed import map_sharded, rank, world_size
 from lowbit.core.quantize import calibrate
 from lowbit.core.quantized_model import QuantizedModel
 from lowbit.recipes import Recipe
-from lowbit.reports.accounting import cost
+from lowbit.reports.accounting import costs
 
 __all__ = ["GroupBy", "Sensitivity", "bops_and_size", "layer_types", "markdown", "measure", "plot", "sensitivity", "write_csv"]
 
@@ -66,15 +66,8 @@ class Sensitivity:
 
 def bops_and_size(model: QuantizedModel, calibrated: Calibrated) -> tuple[float, float]:
     """(BOPs per call averaged over the kept samples — a VAR step's cost depends on its scale — and bytes)."""
-    by_shape: dict[tuple, float] = {}  # counts depend on shapes only: each shape is counted once
-    bops = 0.0
-    for inputs in calibrated.samples:
-        key = tuple(tuple(t.shape) for t in pytree.tree_leaves(inputs) if isinstance(t, torch.Tensor))
-        if key not in by_shape:
-            c = cost(model, (), inputs, step_arg=calibrated.context.step_arg)
-            by_shape[key], size = c.bops, c.size_bytes
-        bops += by_shape[key]
-    return bops / len(calibrated.samples), size
+    per_call = costs(model, [((), inputs) for inputs in calibrated.samples], step_arg=calibrated.context.step_arg)
+    return sum(c.bops for c in per_call) / len(per_call), per_call[0].size_bytes
 
 
 def _prediction(model: QuantizedModel, inputs: dict) -> torch.Tensor:

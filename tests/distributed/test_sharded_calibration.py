@@ -1,11 +1,6 @@
 """Calibration under torchrun: two processes, each on half of a calibration set, decide bit for bit
 what one process decides on the whole set (issue: scale out, done 1)."""
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -13,42 +8,9 @@ from lowbit import quantize
 from lowbit.core.quantize import _KeptSamples
 from lowbit.evaluation.run import ReferenceCalibration
 from lowbit.models.reference import load_reference_model
+from lowbit.recipes import get_recipe
 from tests.distributed.decisions import decisions
-
-ROOT = Path(__file__).resolve().parents[2]
-
-# weight reconstruction keeps 4 of the 6 samples: which ones must not depend on the split
-ADAROUND = """
-name = "adaround-short"
-weight_bits = 4
-activation_bits = 8
-
-[[passes]]
-name = "canonicalize_attention"
-
-[[passes]]
-name = "annotate_quantization"
-
-[[passes]]
-name = "insert_observers"
-
-[[passes]]
-name = "choose_quant_params"
-
-[[passes]]
-name = "reconstruct_weights"
-iterations = 5
-samples = 4
-
-[[passes]]
-name = "convert_to_quantized_ops"
-"""
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})
+from tests.distributed.launch import torchrun
 
 
 @pytest.fixture(scope="module")
@@ -62,9 +24,11 @@ def calibration_file(tmp_path_factory):
 
 def test_two_processes_decide_what_one_process_decides(calibration_file, tmp_path):
     path, samples = calibration_file
-    (tmp_path / "adaround.toml").write_text(ADAROUND)
+    # weight reconstruction keeps 4 of the 6 samples: which ones must not depend on the split
+    adaround = get_recipe("adaround-w4a8").with_pass("reconstruct_weights", iterations=5, samples=4)
+    (tmp_path / "adaround.toml").write_text(adaround.to_toml())
     recipes = ["minmax-w8a8", "dgq-w4a6", str(tmp_path / "adaround.toml")]
-    run = _torchrun("-m", "tests.distributed.shard_worker", "--calibration", str(path), "--out", str(tmp_path),
+    run = torchrun("-m", "tests.distributed.shard_worker", "--calibration", str(path), "--out", str(tmp_path),
                     *[a for r in recipes for a in ("--recipe", r)])
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(2)]
@@ -82,7 +46,7 @@ def test_two_processes_decide_what_one_process_decides(calibration_file, tmp_pat
 
 def test_a_failing_rank_stops_every_rank_with_its_reason(calibration_file, tmp_path):
     path, _ = calibration_file
-    run = _torchrun("-m", "tests.distributed.shard_worker", "--calibration", str(path), "--out", str(tmp_path),
+    run = torchrun("-m", "tests.distributed.shard_worker", "--calibration", str(path), "--out", str(tmp_path),
                     "--recipe", "minmax-w8a8", "--empty-shard", "1")
     assert run.returncode != 0
     assert "rank 1: ValueError: calibration is empty on rank 1 of 2" in run.stderr

@@ -1,23 +1,14 @@
 """``lowbit eval`` under torchrun prints the table one process prints (issue: scale out, done 2)."""
 
 import csv
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 from lowbit.cli.main import main
+from tests.distributed.launch import torchrun
 
-ROOT = Path(__file__).resolve().parents[2]
 # 60 images in batches of 50: the two processes sample unequal shares; 32 prompts are two calibration chunks
 EVAL = ["eval", "--model", "reference", "--recipe", "minmax-w8a8", "--samples", "60", "--steps", "3",
         "--calibration-prompts", "32"]
-
-
-def _torchrun(*args: str) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "lowbit", *args]
-    return subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                          env=os.environ | {"OMP_NUM_THREADS": "1"})
 
 
 def _table(folder: Path) -> list[dict]:
@@ -27,7 +18,7 @@ def _table(folder: Path) -> list[dict]:
 
 
 def test_two_processes_print_the_table_of_one(tmp_path):
-    run = _torchrun(*EVAL, "--out", str(tmp_path / "two"))
+    run = torchrun("-m", "lowbit", *EVAL, "--out", str(tmp_path / "two"))
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("| minmax-w8a8 |") == 1  # one process reports
     assert main([*EVAL, "--out", str(tmp_path / "one")]) == 0
@@ -37,6 +28,6 @@ def test_two_processes_print_the_table_of_one(tmp_path):
 
 
 def test_a_command_that_does_not_shard_refuses_torchrun():
-    run = _torchrun("recipes")
+    run = torchrun("-m", "lowbit", "recipes")
     assert run.returncode != 0
     assert "'lowbit recipes' runs in one process: launch it without torchrun" in run.stderr
