@@ -5,6 +5,7 @@ The public API. The ONNX / QNN functions load onnx and onnxruntime when first us
 """
 
 from lowbit.core.calibration import DenoiserInputStream, record_denoiser_inputs
+from lowbit.core.qat import QATModel, convert_qat, prepare_qat
 from lowbit.core.quantize import quantize
 from lowbit.core.quantized_model import QuantizedModel
 from lowbit.core.serialization import load, save
@@ -13,8 +14,9 @@ from lowbit.reports.layer_report import layer_report
 from lowbit.reports.mixed_precision import mixed_precision
 from lowbit.reports.sensitivity import sensitivity
 
-__all__ = ["DenoiserInputStream", "QuantizedModel", "Recipe", "RecipeError", "export_onnx", "layer_report", "load",
-           "mixed_precision", "quantize", "recipes", "record_denoiser_inputs", "save", "sensitivity", "verify_qnn"]
+__all__ = ["DenoiserInputStream", "QATModel", "QuantizedModel", "Recipe", "RecipeError", "convert_qat", "export_onnx",
+           "layer_report", "load", "mixed_precision", "prepare_qat", "quantize", "recipes", "record_denoiser_inputs", "save",
+           "sensitivity", "verify_qnn"]
 
 _LAZY = {"export_onnx", "verify_qnn"}
 

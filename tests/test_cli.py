@@ -3,6 +3,7 @@ import json
 import pytest
 
 from lowbit.cli import main
+from lowbit.recipes import get_recipe
 
 
 def test_quantize_writes_all_outputs(tmp_path, capsys, mixed_recipe):
@@ -15,6 +16,23 @@ def test_quantize_writes_all_outputs(tmp_path, capsys, mixed_recipe):
     report = {row["layer"]: row for row in json.loads((out / "report.json").read_text())}
     assert report["transformer_blocks.0.ff.net.2"]["weight_bits"] == 8 and report["transformer_blocks.1.ff.net.2"]["weight_bits"] == 4
     assert report["proj_out"]["granularity"] == "float" and report["proj_out"]["set_by"] == 'layers."proj_out"'
+
+
+def test_quantize_with_training_writes_its_curve_and_resumes(tmp_path, capsys):
+    """A training recipe: checkpoints beside the output, the loss/bit-width picture inside it; run again,
+    it resumes from the last checkpoint (no step left) and writes the same model."""
+    recipe = get_recipe("fraqat-w4a8")
+    settings = dict(next(s for s in recipe.passes if s.name == "train_quantized").settings)
+    path = tmp_path / "fraqat.toml"
+    path.write_text(recipe.with_pass("train_quantized", **settings | {"qat_steps": 6, "checkpoint_every": 3}).to_toml())
+    out = tmp_path / "run"
+    command = ["quantize", "--recipe", str(path), "--prompts", "2", "--steps", "3", "--samples", "1", "--out", str(out)]
+    assert main(command) == 0
+    assert (out / "training.png").is_file() and "training.png" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "run.checkpoints").iterdir()) == ["step-0000003.safetensors", "step-0000006.safetensors"]
+    first = (out / "model" / "params.safetensors").read_bytes()
+    assert main(command + ["--overwrite"]) == 0
+    assert (out / "model" / "params.safetensors").read_bytes() == first
 
 
 def test_recipe_file_and_bad_recipe(tmp_path, capsys):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
@@ -18,13 +19,16 @@ from lowbit.cli.arguments import at_least, positive_int
 from lowbit.cli.qnn import add_commands as add_qnn_commands
 from lowbit.core.calibration import DenoiserInputStream
 from lowbit.core.distributed import DistributedError, first_rank_only, is_distributed, launched, rank, shard, world_size
+from lowbit.core.qat import with_checkpoints
 from lowbit.core.quantize import quantize
 from lowbit.core.serialization import save
 from lowbit.core.staging import OutputExistsError, add_output_arguments, output_folder, staged_folder
 from lowbit.evaluation.grid import save_grid
+from lowbit.ir.training_history import HISTORY_ARTIFACT
 from lowbit.passes import PassError
 from lowbit.recipes import RecipeError, get_recipe, recipes
 from lowbit.reports.layer_report import format_table, layer_report, write_csv, write_json
+from lowbit.reports.training_curve import plot_training
 
 __all__ = ["main"]
 
@@ -32,8 +36,9 @@ __all__ = ["main"]
 def _cmd_quantize(args: argparse.Namespace) -> int:
     from lowbit.models.pipelines import pipeline_calls, tiny_pipeline
 
-    recipe = get_recipe(args.recipe)
     out = first_rank_only(lambda: output_folder(args))
+    checkpoints = Path(args.checkpoints) if args.checkpoints else out.with_name(out.name + ".checkpoints")
+    recipe = with_checkpoints(get_recipe(args.recipe), checkpoints)
     pipe = tiny_pipeline(args.model)
     denoiser_attr = "transformer" if args.model == "pixart" else "unet"
     denoiser = getattr(pipe, denoiser_attr)
@@ -61,7 +66,12 @@ def _cmd_quantize(args: argparse.Namespace) -> int:
         write_csv(rows, tmp / "report.csv")
         write_json(rows, tmp / "report.json")
         save_grid({"full precision": fp_images * 2 - 1, recipe.name: q_images * 2 - 1}, tmp / "samples.png")
-    print(f"lowbit: wrote {out}/model, {out}/report.csv, {out}/report.json, {out}/samples.png")
+        trained = HISTORY_ARTIFACT in qmodel.artifacts
+        if trained:
+            plot_training({recipe.name: qmodel.artifacts[HISTORY_ARTIFACT]}, tmp / "training.png",
+                          f"{args.model}, {recipe.name}: quantization-aware training")
+    print(f"lowbit: wrote {out}/model, {out}/report.csv, {out}/report.json, {out}/samples.png"
+          + (f", {out}/training.png (training checkpoints in {checkpoints})" if trained else ""))
     return 0
 
 
@@ -145,6 +155,8 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--steps", type=at_least(2, "diffusers' pipelines take a single step for a one-step (distilled) model"),
                    default=25, help="denoising steps per prompt (DGQ uses 25)")
     q.add_argument("--samples", type=positive_int, default=4, help="images generated for the comparison picture")
+    q.add_argument("--checkpoints", default="", help="where a training recipe (fraqat-*, qat-*) keeps its checkpoints and "
+                   "resumes from them (default: beside --out, <out>.checkpoints)")
     add_output_arguments(q, "out/quantize")
     q.set_defaults(func=_cmd_quantize, sharded=True)
     e = sub.add_parser("eval", help="full precision and recipes side by side on a shipped model")

@@ -19,10 +19,11 @@ from lowbit.recipes.recipe import Recipe, RecipeError
 __all__ = ["LITEVAR_ROWS", "get_recipe", "litevar_name", "recipes"]
 
 BUILTIN = Path(__file__).parent / "builtin"
-_NAME = re.compile(r"(?P<method>[a-z0-9]+)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?(?:-qkv(?P<qkv>\d+(?:\.\d+)?))?")
+_NAME = re.compile(r"(?P<method>[a-z0-9]+(?:-[a-z]+)*)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?(?:-qkv(?P<qkv>\d+(?:\.\d+)?))?")
 # the names listed by lowbit.recipes(): the bit-widths the project's tables use
 _LISTED = {"minmax": ((4, 6, 8, 16), (4, 6, 8, 16)), "mse": ((4, 6, 8, 16), (4, 6, 8, 16)),
-           "adaround": ((4, 6, 8, 16), (4, 6, 8, 16)), "dgq": ((4, 8), (6, 8))}
+           "adaround": ((4, 6, 8, 16), (4, 6, 8, 16)), "dgq": ((4, 8), (6, 8)),
+           **{m: ((3, 4), (6, 8)) for m in ("fraqat", "qat", "qat-int", "qat-halving")}}
 # LiteVAR Tables 2 and 4: W/A/QKV
 LITEVAR_ROWS = ((16, 16, 16), (8, 8, 16), (8, 8, 8), (4, 8, 8), (6, 6, 8), (4, 6, 8), (4, 4, 8))
 _LISTED_GROUPS = (1, 2, 4, 8, 16)

@@ -1,25 +1,14 @@
 """Calibration under torchrun: two processes, each on half of a calibration set, decide bit for bit
 what one process decides on the whole set (issue: scale out, done 1)."""
 
-import pytest
 import torch
 
 from lowbit import quantize
 from lowbit.core.quantize import _KeptSamples
-from lowbit.evaluation.run import ReferenceCalibration
 from lowbit.models.reference import load_reference_model
 from lowbit.recipes import get_recipe
 from tests.distributed.decisions import decisions
 from tests.distributed.launch import torchrun
-
-
-@pytest.fixture(scope="module")
-def calibration_file(tmp_path_factory):
-    """Two chunks of two prompts over three steps: each half holds every step, so per-step ranges merge."""
-    samples = list(ReferenceCalibration(load_reference_model(), prompts=4, steps=3, chunk=2, progress=False))
-    path = tmp_path_factory.mktemp("calibration") / "samples.pt"
-    torch.save(samples, path)
-    return path, samples
 
 
 def test_two_processes_decide_what_one_process_decides(calibration_file, tmp_path):

@@ -16,6 +16,7 @@ against eager PyTorch where that makes sense.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -32,6 +33,7 @@ from lowbit.ir.annotations import (
     QuantAnnotation, QuantSpec,
 )
 from lowbit.ir.capture import capture
+from lowbit.ir.fake_quantizers import OperandFakeQuantizer, WeightFakeQuantizer
 from lowbit.ir.graph_edit import fetch_attr
 from lowbit.ir.observers import Observer, observing
 from lowbit.ir.params import OperandParams
@@ -68,8 +70,13 @@ def _render(value: Any, index: dict[torch.fx.Node, int]) -> str:
 
 
 def _describe_module(gm: torch.fx.GraphModule, node: torch.fx.Node, by_name: dict[str, int]) -> str:
-    """An observer by what it files and whose value it watches (by position); other modules by target only."""
+    """An observer by what it files and whose value it watches (by position), a fake quantizer by its target
+    and bit-width; other modules by target only."""
     module = fetch_attr(gm, node.target)
+    if isinstance(module, WeightFakeQuantizer):
+        return f" [WeightFakeQuantizer target={module.target!r} bits={float(module.bits):g} final={module.final:g}]"
+    if isinstance(module, OperandFakeQuantizer):
+        return f" [OperandFakeQuantizer target={module.target!r} spec={module.spec!r}]"
     if not isinstance(module, Observer):
         return ""
     watched = f"%{by_name[module.node]}" if module.node in by_name else f"<unknown node {module.node!r}>"
@@ -629,6 +636,69 @@ def test_convert_to_quantized_ops():
             got, want = gm(**inputs), model(**inputs)
         torch.testing.assert_close(got, want, rtol=0.05, atol=0.02)
         assert float((got - want).norm() / want.norm()) < 0.03
+
+
+def expected_fake_quantized(model: nn.Module, ctx: PassContext, weight: QuantSpec = W8) -> torch.fx.GraphModule:
+    """The one-linear graph with its weight and its input routed through fake quantizers (no observers)."""
+    e = ExpectedGraph()
+    w, b = e.attr("proj.weight", model.proj.weight), e.attr("proj.bias", model.proj.bias)
+    x, t = e.input("x"), e.input("timestep")
+    e.module("_guards_fn", nn.Module(), x, t)
+    with e.created_by("insert_fake_quantizers"):
+        wq = e.module("lowbit_fake_quantizers.fq0", WeightFakeQuantizer("proj:weight", model.proj.weight, weight.bits), w)
+        xq = e.module("lowbit_fake_quantizers.fq1", OperandFakeQuantizer("proj:input", A8, ctx.params["proj:input"]), x, t)
+    y = e.call(aten.linear.default, xq, wq, b, layer=LayerInfo("proj", "linear"), quant=dataclasses.replace(PROJ_QUANT, weight=weight))
+    return e.output(y)
+
+
+@structural("insert_fake_quantizers")
+def test_insert_fake_quantizers():
+    model, gm, ctx = prepared(ProjModel, proj_inputs, CHOSEN, calibrate=True)
+    converted = Pipeline([create("convert_to_quantized_ops")]).run(copy.deepcopy(gm), PassContext(params=dict(ctx.params)))
+    gm, record, _ = run_pass(gm, ctx, "insert_fake_quantizers")
+    assert_same_structure(gm, expected_fake_quantized(model, ctx))
+    assert record.modified and len(record.added) == 2 and len(record.removed) == 1 and record.rewired and not record.context
+    assert model.proj.weight.requires_grad and not gm.proj.weight.requires_grad  # frozen in the graph, not in the model
+    # at their final bit-widths with Δ = 0 the fake quantizers compute what the converted graph computes
+    for i, t in enumerate(STEPS):
+        inputs = proj_inputs(t, 20 + i)
+        with torch.no_grad():
+            torch.testing.assert_close(gm(**inputs), converted(**inputs), rtol=1e-5, atol=1e-5)
+
+
+def trained_proj(steps: int = 8):
+    """The one-linear model with fake quantizers, trained ``steps`` steps of plain QAT at 4 bits."""
+    precision = Precision(weight_bits=4, activation_bits=8, keep_io_layers=False)
+    model, gm, ctx = prepared(ProjModel, proj_inputs, CHOSEN + [("insert_fake_quantizers", {})], precision, calibrate=True)
+    ctx.samples = [proj_inputs(t, 10 + i) for i, t in enumerate(STEPS)]
+    gm, record, _ = run_pass(gm, ctx, "train_quantized", {"qat_steps": steps, "qat_schedule": [[0, 1]], "lr": 1e-3, "samples": 2})
+    return model, gm, ctx, record
+
+
+@structural("train_quantized")
+def test_train_quantized():
+    model, gm, ctx, record = trained_proj()
+    assert_same_structure(gm, expected_fake_quantized(model, ctx, W4))  # the graph is unchanged: training moves Δ only
+    assert record.modified and record.context == ("artifact:qat_history",)
+    history = ctx.artifacts["qat_history"]
+    # (that training lowers the error is tested on every diffusers family in tests/test_qat.py: on this one linear,
+    # whose input has a channel near 50, 8-bit input rounding dominates and the loss stays at 0.367 with lr 1e-4)
+    assert history.bits.tolist() == [4.0] * 8 and torch.isfinite(history.loss).all()
+    assert gm.lowbit_fake_quantizers.fq0.delta.abs().sum() > 0
+
+
+@structural("fold_fake_quantizers")
+def test_fold_fake_quantizers():
+    model, gm, ctx, _ = trained_proj()
+    trained = (model.proj.weight + gm.lowbit_fake_quantizers.fq0.delta).detach()
+    gm, record, _ = run_pass(gm, ctx, "fold_fake_quantizers")
+    assert_same_structure(gm, expected_proj(model, dataclasses.replace(PROJ_QUANT, weight=W4)))
+    assert record.modified and len(record.removed) == 2 and record.context == ("params:proj:weight",)
+    assert not hasattr(gm, "lowbit_fake_quantizers")
+    p = ctx.params["proj:weight"]  # FraQAT's grid at 4 bits over the trained weight: max|W + Δ| / 7 per channel
+    scale = trained.abs().amax(1) / 7
+    torch.testing.assert_close(p.scale, scale)
+    assert torch.equal(p.qvalues, torch.clamp(torch.round(trained / scale[:, None]), -8, 7).to(torch.int8))
 
 
 def test_every_registered_pass_has_a_structural_test():

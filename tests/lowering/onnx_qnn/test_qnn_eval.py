@@ -2,10 +2,15 @@
 lowbit's eager module with measured margins. CI runs 3 sampling steps on 4 images per prompt
 set; the 25-step run in the README is the same command with 50 images."""
 
+from pathlib import Path
+
 import pytest
 
 from lowbit.cli import main
 from lowbit.evaluation.qnn import QnnEvalRow, margins
+from lowbit.recipes import get_recipe
+
+ROOT = Path(__file__).resolve().parents[3]
 
 
 def _row(name, fid, seen, heldout, conditioning=1.0):
@@ -45,3 +50,22 @@ def test_eval_qnn_samples_through_the_htp_graphs(tmp_path, capsys):
     assert psnr_vs_eager > 15.0 and same == 0.0  # measured 24.6 dB: the HTP draws the eager model's images, not others
     ratio = cfg_signal / float(rows[0][8])
     assert 0.8 < ratio < 1.25  # measured 0.97: the text conditioning survives (users report 20x weaker ones)
+
+
+def test_a_fraqat_model_with_a_16_bit_last_layer_runs_on_the_htp(tmp_path, capsys):
+    """FraQAT's deployment: W4A8 trained with the fractional schedule, the last layer at W4A16, every HTP
+    graph loaded with CPU fallback disabled (eval-qnn's sessions) and drawing the eager model's images."""
+    shipped = ROOT / "bench" / "recipes" / "fraqat-w4a8-htp.toml"
+    assert get_recipe(shipped).precision.resolve("proj_out").activation_bits == 16
+    recipe = tmp_path / "fraqat-htp.toml"
+    recipe.write_text(shipped.read_text().replace("qat_steps = 400", "qat_steps = 20"))  # CI: 20 steps, the bench 400
+    main(["eval-qnn", "--recipe", str(recipe), "--samples", "4", "--steps", "3", "--calibration-prompts", "2",
+          "--batch", "4", "--reseeds", "2", "--out", str(tmp_path / "eval-qnn")])
+    printed = capsys.readouterr().out
+    verdicts = {cells[1].strip(): cells[5].strip() for cells in (line.split("|") for line in printed.splitlines())
+                if len(cells) == 7 and cells[1].strip().startswith("alignment")}
+    # FID over 4 images is noise (measured 1698 eager, 1587 HTP, margin 93): the bench scores 50 images
+    assert verdicts == {"alignment, seen phrasings": "yes", "alignment, held-out phrasings": "yes"}, printed
+    htp = next(line.split("|") for line in printed.splitlines() if "(QNN HTP)" in line)
+    assert float(htp[6]) > 20.0 and float(htp[7]) == 0.0  # measured 29.6 dB from the eager model's images
+    assert len(list((tmp_path / "eval-qnn" / "graphs").glob("*.onnx"))) == 3
