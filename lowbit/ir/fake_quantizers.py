@@ -82,7 +82,7 @@ class WeightFakeQuantizer(torch.nn.Module):
         if self.step is None:
             return fractional_scale(weight, float(self.bits))
         _, qmax = fractional_grid(float(self.bits))
-        grad_scale = 1.0 / math.sqrt(weight.numel() * qmax)  # LSQ: keeps the step's updates on the weights' scale
+        grad_scale = 1.0 / math.sqrt(weight[0].numel() * qmax)  # LSQ: 1/sqrt(weights per step · qmax)
         step = self.step.clamp_min(_EPS)  # a step pushed through zero would flip the grid
         return step * grad_scale + (step - step * grad_scale).detach()
 
