@@ -64,10 +64,9 @@ def main(argv: list[str] | None = None) -> None:
         seconds[method] = time.perf_counter() - start
     for method in (m for m in QAT if m in methods):
         recipe = get_recipe(f"{method}-w{w}a{a}")
-        settings = dict(next(s for s in recipe.passes if s.name == "train_quantized").settings)
         for seed in range(args.seeds):
             run = f"{method} seed {seed}"
-            trained = recipe.with_pass("train_quantized", **settings | {"qat_steps": args.steps, "lr": args.lr, "seed": seed})
+            trained = recipe.with_settings("train_quantized", qat_steps=args.steps, lr=args.lr, seed=seed)
             start = time.perf_counter()
             qmodel = quantize(model, trained, calibration, step_arg=subject.step_arg, progress=False)
             seconds[run] = time.perf_counter() - start

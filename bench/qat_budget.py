@@ -17,13 +17,13 @@ import torch
 
 from lowbit.core.quantize import quantize
 from lowbit.evaluation.run import calibrate_reference
-from lowbit.ir.bit_schedule import SCHEDULES, BitSchedule
+from lowbit.ir.bit_schedule import FRAQAT_SCHEDULE, BitSchedule
 from lowbit.models.reference import load_reference_model
 from lowbit.passes.train_quantized import distillation_loss
 from lowbit.recipes import get_recipe
 
 RESULTS = Path(__file__).parent / "results" / "qat" / "budget-w3a8.md"
-AT_FINAL = 200 - BitSchedule(SCHEDULES["fraqat"], 200).starts()[-1]
+AT_FINAL = 200 - BitSchedule(FRAQAT_SCHEDULE, 200).starts()[-1]
 RUNS = (("qat", 200, "constant"), ("fraqat", 200, "constant"), ("qat", AT_FINAL, "constant"), ("qat", 200, "cosine"),
         ("fraqat", 200, "cosine"))
 
@@ -37,9 +37,8 @@ def main() -> None:
              "| recipe | steps | learning rate | loss |", "|---|---:|---|---:|"]
     for method, steps, decay in RUNS:
         recipe = get_recipe(f"{method}-w3a8")
-        settings = dict(next(s for s in recipe.passes if s.name == "train_quantized").settings)
-        trained = quantize(model, recipe.with_pass("train_quantized", **settings | {"qat_steps": steps, "lr_decay": decay}),
-                           calibration, progress=False)
+        trained = quantize(model, recipe.with_settings("train_quantized", qat_steps=steps, lr_decay=decay), calibration,
+                           progress=False)
         with torch.no_grad():
             loss = sum(float(distillation_loss(trained(**kw), model(**kw))) for _, kw in calibration) / len(calibration)
         lines.append(f"| {method} | {steps} | {decay} | {loss:.3g} |")

@@ -21,10 +21,8 @@ def test_quantize_writes_all_outputs(tmp_path, capsys, mixed_recipe):
 def test_quantize_with_training_writes_its_curve_and_resumes(tmp_path, capsys):
     """A training recipe: checkpoints beside the output, the loss/bit-width picture inside it; run again,
     it resumes from the last checkpoint (no step left) and writes the same model."""
-    recipe = get_recipe("fraqat-w4a8")
-    settings = dict(next(s for s in recipe.passes if s.name == "train_quantized").settings)
     path = tmp_path / "fraqat.toml"
-    path.write_text(recipe.with_pass("train_quantized", **settings | {"qat_steps": 6, "checkpoint_every": 3}).to_toml())
+    path.write_text(get_recipe("fraqat-w4a8").with_settings("train_quantized", qat_steps=6, checkpoint_every=3).to_toml())
     out = tmp_path / "run"
     command = ["quantize", "--recipe", str(path), "--prompts", "2", "--steps", "3", "--samples", "1", "--out", str(out)]
     assert main(command) == 0

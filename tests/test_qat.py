@@ -7,7 +7,7 @@ import torch
 
 import lowbit
 from lowbit.core.quantize import quantize
-from lowbit.ir.bit_schedule import SCHEDULES, BitSchedule
+from lowbit.ir.bit_schedule import FRAQAT_SCHEDULE, BitSchedule
 from lowbit.ir.fake_quantizers import WeightFakeQuantizer, fractional_grid
 from lowbit.ir.training_history import HISTORY_ARTIFACT
 from lowbit.models.tiny import TINY_MODELS, build
@@ -56,21 +56,19 @@ def test_lsq_step_is_learned_and_rescaled_with_the_bit_width():
 
 
 def test_schedule_stages_scale_to_the_budget():
-    fraqat = BitSchedule(SCHEDULES["fraqat"], 25)  # the paper's 25 epochs: one step each
+    fraqat = BitSchedule(FRAQAT_SCHEDULE, 25)  # the paper's 25 epochs: one step each
     assert fraqat.starts() == [0, 1, 2, 3, 4, 5, 7, 9, 11]
     assert [fraqat.above_final(s) for s in (0, 4, 5, 6, 11, 24)] == [4, 1, 0.75, 0.75, 0, 0]
-    halving = BitSchedule(SCHEDULES["halving"], 100)
+    halving = next(p for p in _recipe("qat-halving-w4a8", 100).pipeline() if p.name == "train_quantized").schedule  # the recipe's
     assert [halving.above_final(s) for s in (0, 24, 25, 49, 50, 99)] == [12, 12, 4, 4, 0, 0]
-    tiny = BitSchedule(SCHEDULES["fraqat"], 3)  # stages too short for the budget are skipped, the last is kept
+    tiny = BitSchedule(FRAQAT_SCHEDULE, 3)  # stages too short for the budget are skipped, the last is kept
     assert tiny.above_final(2) == 0
     with pytest.raises(ValueError, match="must end at the final bit-width"):
         BitSchedule(((4, 1), (1, 1)), 10)
 
 
 def _recipe(name: str, steps: int, **settings):
-    recipe = get_recipe(name)
-    base = dict(next(s for s in recipe.passes if s.name == "train_quantized").settings)
-    return recipe.with_pass("train_quantized", **base | {"qat_steps": steps} | settings)
+    return get_recipe(name).with_settings("train_quantized", qat_steps=steps, **settings)
 
 
 def _error(qmodel, model, calibration) -> float:

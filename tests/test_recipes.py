@@ -76,3 +76,11 @@ def test_a_toml_file_runs_through_quantize(calib, tmp_path):
     assert not any(".attn2." in t for t in qmodel.params)
     assert qmodel.params["transformer_blocks.0.ff.net.2:weight"].spec.bits == 4
     assert qmodel.params["transformer_blocks.0.attn1.to_q:weight"].spec.bits == 8
+
+
+def test_with_settings_changes_some_settings_of_a_pass_and_keeps_the_rest():
+    recipe = get_recipe("fraqat-w4a8").with_settings("train_quantized", qat_steps=7)
+    settings = dict(next(s for s in recipe.passes if s.name == "train_quantized").settings)
+    assert settings["qat_steps"] == 7 and settings["qat_schedule"][-1] == [0, 14]  # the schedule kept
+    with pytest.raises(RecipeError, match="runs no pass 'train_quantized'"):
+        get_recipe("minmax-w8a8").with_settings("train_quantized", qat_steps=7)

@@ -78,10 +78,9 @@ class QATModel(torch.nn.Module):
 
 def with_checkpoints(recipe: Recipe, folder: str | os.PathLike) -> Recipe:
     """``recipe`` with its training (if it trains) checkpointed to, and resumed from, ``folder``."""
-    step = next((s for s in recipe.passes if s.name == "train_quantized"), None)
-    if step is None:
+    if not any(s.name == "train_quantized" for s in recipe.passes):
         return recipe
-    return recipe.with_pass("train_quantized", **dict(step.settings) | {"checkpoint_dir": os.fspath(folder)})
+    return recipe.with_settings("train_quantized", checkpoint_dir=os.fspath(folder))
 
 
 def prepare_qat(model: torch.nn.Module, recipe: str | os.PathLike | Recipe, calibration: Iterable, *,

@@ -6,9 +6,10 @@ schedule serve every layer of a mixed recipe: at W4 FraQAT's 8 → 7 → 6 → 5
 4.25 → 4 is the distances 4, 3, 2, 1.5, 1, 0.75, 0.5, 0.25, 0, and a layer kept at 8 bits goes
 12 → … → 8 alongside (capped at 16 bits).
 
-FraQAT gives its stages in epochs (1, 1, 1, 1, 1, 2, 2, 2, 14); the baselines' stage lengths
-are not in the paper, so lowbit chooses them (:data:`SCHEDULES`): each spends half the budget at
-the final bit-width, as FraQAT spends 14 of 27 epochs, and splits the rest equally.
+FraQAT gives its stages in epochs (1, 1, 1, 1, 1, 2, 2, 2, 14: :data:`FRAQAT_SCHEDULE`); the
+baselines' stage lengths are not in the paper, so lowbit chooses them in their recipes
+(``qat-int.toml``, ``qat-halving.toml``): each spends half the budget at the final bit-width, as
+FraQAT spends 14 of 25 epochs, and splits the rest equally.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ import bisect
 from dataclasses import dataclass
 from itertools import accumulate
 
-__all__ = ["SCHEDULES", "BitSchedule"]
+__all__ = ["FRAQAT_SCHEDULE", "BitSchedule"]
 
-SCHEDULES: dict[str, tuple[tuple[float, float], ...]] = {
-    "fraqat": ((4, 1), (3, 1), (2, 1), (1.5, 1), (1, 1), (0.75, 2), (0.5, 2), (0.25, 2), (0, 14)),  # FraQAT at W4
-    "integer": ((4, 1), (3, 1), (2, 1), (1, 1), (0, 4)),  # 8 → 7 → 6 → 5 → 4
-    "halving": ((12, 1), (4, 1), (0, 2)),  # 16 → 8 → 4
-    "final": ((0, 1),),  # plain QAT at the final bit-width
-}
+# 8 → 7 → 6 → 5.5 → 5 → 4.75 → 4.5 → 4.25 → 4 at W4
+FRAQAT_SCHEDULE = ((4, 1), (3, 1), (2, 1), (1.5, 1), (1, 1), (0.75, 2), (0.5, 2), (0.25, 2), (0, 14))
 
 
 @dataclass(frozen=True)

@@ -11,10 +11,11 @@ from contextlib import contextmanager
 from typing import Iterator
 
 import torch
+import torch.fx
 
 from lowbit.ir.statistics import CalibrationError, Layout, ObservationStore, RangeStatistics
 
-__all__ = ["OBSERVERS", "Observer", "observing"]
+__all__ = ["OBSERVERS", "Observer", "is_observer", "observing", "remove_observers"]
 
 OBSERVERS = "lowbit_observers"
 
@@ -62,3 +63,17 @@ def observing(gm: torch.nn.Module, store: ObservationStore) -> Iterator[None]:
     finally:
         for m in observers:
             m.store = None
+
+
+def is_observer(node: torch.fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith(OBSERVERS + ".")
+
+
+def remove_observers(gm: torch.fx.GraphModule) -> int:
+    """Erase ``gm``'s observer nodes and modules once their statistics are taken; how many nodes went."""
+    observers = [n for n in gm.graph.nodes if is_observer(n)]
+    for node in observers:
+        gm.graph.erase_node(node)
+    if hasattr(gm, OBSERVERS):
+        delattr(gm, OBSERVERS)
+    return len(observers)

@@ -17,7 +17,7 @@ import torch.fx
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, LayerInfo, QuantSpec
 from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.graph_edit import erase_unused
-from lowbit.ir.observers import OBSERVERS
+from lowbit.ir.observers import remove_observers
 from lowbit.ir.params import PARAMS, OperandParams, target_name
 from lowbit.ir.schema import DynamicParams, FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
@@ -142,13 +142,7 @@ class ConvertToQuantizedOps(Pass):
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
         em = _Emitter(gm, ctx)
-        modified = False
-        for node in list(graph.nodes):
-            if node.op == "call_module" and node.target.startswith(OBSERVERS + "."):
-                graph.erase_node(node)
-                modified = True
-        if hasattr(gm, OBSERVERS):
-            delattr(gm, OBSERVERS)
+        modified = remove_observers(gm) > 0
         for node in list(graph.nodes):
             if QUANT_KEY not in node.meta or node.op != "call_function" or getattr(node.target, "namespace", None) == "lowbit":
                 continue

@@ -6,7 +6,8 @@ first), so the layer computes with Q(W + Δ) at the quantizer's bit-width; its i
 and an attention's Q, K, V and probabilities, through an
 :class:`~lowbit.ir.fake_quantizers.OperandFakeQuantizer` with the calibrated parameters. The
 model's own parameters are never written (the captured graph shares them with the user's model):
-they are frozen in the graph, training changes Δ only, and with the quantizers disabled the graph is the full-precision teacher.
+they are frozen in the graph, training changes Δ only, and with the quantizers disabled the graph
+is the full-precision teacher.
 Observers are removed, since their statistics are already in the context and a training loop
 must not run them. ``fold_fake_quantizers`` undoes this after training.
 """
@@ -20,7 +21,7 @@ from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.fake_quantizers import FAKE_QUANTIZERS, OperandFakeQuantizer, WeightFakeQuantizer
 from lowbit.ir.graph_edit import fetch_attr
-from lowbit.ir.observers import OBSERVERS
+from lowbit.ir.observers import remove_observers
 from lowbit.ir.operands import activation_operands
 from lowbit.ir.params import target_name
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
@@ -61,11 +62,7 @@ class InsertFakeQuantizers(Pass):
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         graph = gm.graph
-        observers = [n for n in graph.nodes if n.op == "call_module" and str(n.target).startswith(OBSERVERS + ".")]
-        for node in observers:
-            graph.erase_node(node)
-        if hasattr(gm, OBSERVERS):
-            delattr(gm, OBSERVERS)
+        observers = remove_observers(gm)
         if hasattr(gm, FAKE_QUANTIZERS):
             raise PassError("the graph already holds fake quantizers; fold them before inserting new ones")
         _freeze(gm)

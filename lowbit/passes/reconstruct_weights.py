@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.graph_edit import fetch_attr
 from lowbit.ir.graph_view import find_blocks
-from lowbit.ir.observers import OBSERVERS
+from lowbit.ir.observers import is_observer
 from lowbit.ir.params import OperandParams, target_name
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult
 
@@ -53,10 +53,6 @@ class Unit:
     path: str
     nodes: tuple[torch.fx.Node, ...]
     layers: tuple[torch.fx.Node, ...]
-
-
-def _is_observer(node: torch.fx.Node) -> bool:
-    return node.op == "call_module" and str(node.target).startswith(OBSERVERS + ".")
 
 
 def _quantized_weighted(node: torch.fx.Node) -> bool:
@@ -123,7 +119,7 @@ class _Subgraph:
 
         for node in unit.nodes:
             env[node] = graph.node_copy(node, remap)
-        self.outputs = [n for n in unit.nodes if any(u not in inside and not _is_observer(u) for u in n.users)]
+        self.outputs = [n for n in unit.nodes if any(u not in inside and not is_observer(u) for u in n.users)]
         graph.output(tuple(env[n] for n in self.outputs))
         self.module = torch.fx.GraphModule(gm, graph)
 
@@ -144,7 +140,7 @@ class _Recorder(torch.fx.Interpreter):
         self.values: dict[torch.fx.Node, object] = {}
 
     def run_node(self, n: torch.fx.Node):
-        if _is_observer(n):
+        if is_observer(n):
             return None
         out = super().run_node(n)
         if n in self.wanted:

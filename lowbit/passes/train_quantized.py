@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils import _pytree as pytree
 from tqdm.auto import tqdm
 
-from lowbit.ir.bit_schedule import SCHEDULES, BitSchedule
+from lowbit.ir.bit_schedule import FRAQAT_SCHEDULE, BitSchedule
 from lowbit.ir.capture import batch_size
 from lowbit.ir.fake_quantizers import FAKE_QUANTIZERS, WeightFakeQuantizer, fake_quantizers, quantization_disabled
 from lowbit.ir.training_history import HISTORY_ARTIFACT, TrainingHistory
@@ -85,7 +85,7 @@ class TrainQuantized(Pass):
     requires = ("insert_fake_quantizers",)
     before = ("fold_fake_quantizers",)
 
-    def __init__(self, qat_steps: int = 400, qat_schedule: tuple[tuple[float, float], ...] = SCHEDULES["fraqat"],
+    def __init__(self, qat_steps: int = 400, qat_schedule: tuple[tuple[float, float], ...] = FRAQAT_SCHEDULE,
                  lr: float = 3e-5, lr_decay: Literal["constant", "cosine"] = "constant", samples: int = 64, seed: int = 0,
                  micro_batches: int = 1, checkpoint_dir: str = "", checkpoint_every: int = 50):
         if min(samples, checkpoint_every, micro_batches) < 1:

@@ -50,11 +50,10 @@ def _instantiate(name: str) -> Recipe:
         bits["qkv_bits"] = float(match["qkv"])
     recipe = dataclasses.replace(base, name=name, precision=dataclasses.replace(base.precision, **bits))
     if match["g"] is not None:
-        step = next((s for s in recipe.passes if s.name == "group_activations"), None)
-        if step is None:
+        if not any(s.name == "group_activations" for s in recipe.passes):
             raise RecipeError(f"unknown recipe {name!r}: -g<K> sets the groups of group_activations, which "
                               f"{match['method']} does not run")
-        recipe = recipe.with_pass("group_activations", **(dict(step.settings) | {"groups": int(match["g"])}))
+        recipe = recipe.with_settings("group_activations", groups=int(match["g"]))
     return recipe
 
 

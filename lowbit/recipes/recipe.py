@@ -124,6 +124,14 @@ class Recipe:
         steps.insert(position, new)
         return dataclasses.replace(self, passes=tuple(steps))
 
+    def with_settings(self, name: str, **changes: Any) -> Recipe:
+        """This recipe with some settings of its pass ``name`` changed and the others kept."""
+        step = next((s for s in self.passes if s.name == name), None)
+        if step is None:
+            raise RecipeError(f"{self.source}: recipe {self.name!r} runs no pass {name!r}; its passes: "
+                              f"{', '.join(s.name for s in self.passes)}")
+        return self.with_pass(name, **dict(step.settings) | changes)
+
     # -- reading and writing ---------------------------------------------------------------------
 
     def to_dict(self) -> dict:

@@ -16,11 +16,9 @@ from tests.distributed.launch import torchrun
 
 def test_two_processes_train_as_one(calibration_file, tmp_path):
     path, samples = calibration_file
-    recipe = get_recipe("fraqat-w4a8")
-    settings = dict(next(s for s in recipe.passes if s.name == "train_quantized").settings)
-    recipe = recipe.with_pass("train_quantized", **settings | {"qat_steps": 8, "samples": 6, "lr": 1e-3})
+    recipe = get_recipe("fraqat-w4a8").with_settings("train_quantized", qat_steps=8, samples=6, lr=1e-3)
     (tmp_path / "fraqat.toml").write_text(recipe.to_toml())
-    one_process = recipe.with_pass("train_quantized", **settings | {"qat_steps": 8, "samples": 6, "lr": 1e-3, "micro_batches": 2})
+    one_process = recipe.with_settings("train_quantized", micro_batches=2)
     run = torchrun("-m", "tests.distributed.shard_worker", "--calibration", str(path), "--out", str(tmp_path),
                    "--recipe", str(tmp_path / "fraqat.toml"))
     assert run.returncode == 0, run.stderr[-3000:]
