@@ -22,6 +22,19 @@ def test_builtin_names_resolve_to_their_files():
     assert [s.name for s in get_recipe("adaround-w4a8").passes][3:5] == ["choose_quant_params", "reconstruct_weights"]
 
 
+def test_auto_variant_chooses_the_attention_scheme_at_calibration():
+    auto = get_recipe("dgq-w4a6-auto")
+    assert "dgq-w4a6-auto" in lowbit.recipes() and auto.precision.attention_scheme == "auto"
+    names = [s.name for s in auto.passes]
+    assert names.index("insert_observers") + 1 == names.index("choose_attention_scheme") < names.index("choose_quant_params")
+    assert Recipe.from_toml(auto.to_toml()) == auto
+    with pytest.raises(RecipeError, match="leaves in floating point"):
+        get_recipe("litevar-w4a8-auto")  # LiteVAR does not quantize the probabilities
+    text = BASE + 'attention_scheme = "auto"\n[[passes]]\nname = "canonicalize_attention"\n[[passes]]\nname = "annotate_quantization"\n'
+    with pytest.raises(RecipeError, match="lists no choose_attention_scheme pass"):
+        Recipe.from_toml(text)
+
+
 def test_toml_round_trip_with_layers_and_passes():
     r = Recipe.build("mine", 5.5, 8, attention_bits=16, layers={"proj_out": {"float": True}, "*.ff.*": {"weight_bits": 8}})
     r = r.with_pass("choose_quant_params", weight_range="mse").with_pass("split_start_token")

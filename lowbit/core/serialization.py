@@ -246,10 +246,11 @@ def _params(path: Path, specs: dict, tensors: dict[str, torch.Tensor]) -> dict[s
 
 def _check_spec(path: Path, target: str, saved: QuantSpec, annotated: QuantSpec) -> None:
     """The saved spec may differ from the recipe's only where calibration-time passes refine it
-    (grouping sets granularity, axis and groups); bits, scheme, mode or symmetry that differ mean
-    the file does not belong to this recipe."""
+    (grouping sets granularity, axis and groups; an "auto" scheme is decided); bits, scheme, mode or
+    symmetry that differ mean the file does not belong to this recipe."""
+    refined = _REFINED + (("scheme",) if annotated.scheme == "auto" else ())  # choose_attention_scheme decided it
     differ = [f.name for f in dataclasses.fields(QuantSpec)
-              if f.name not in _REFINED and getattr(saved, f.name) != getattr(annotated, f.name)]
+              if f.name not in refined and getattr(saved, f.name) != getattr(annotated, f.name)]
     if differ:
         raise SerializationError(f"{path}: the saved spec of {target} differs from what its recipe gives in "
                                  f"{', '.join(f'{k} ({getattr(saved, k)} saved, {getattr(annotated, k)} by the recipe)' for k in differ)}")

@@ -33,7 +33,7 @@ ATTENTION_KEY = "lowbit.attention"
 CREATED_BY_KEY = "lowbit.created_by"
 OUTLIER_KEY = "lowbit.outlier_dim"  # dict: operand name -> OutlierDim
 
-Scheme = Literal["uniform", "log2"]
+Scheme = Literal["uniform", "log2", "auto"]  # "auto": undecided until choose_attention_scheme
 Granularity = Literal["tensor", "channel", "token", "group"]
 Mode = Literal["static", "dynamic", "per_step"]
 LayerKind = Literal["linear", "conv2d", "attention"]
@@ -68,7 +68,7 @@ class QuantSpec:
     def __post_init__(self) -> None:
         if not (MIN_BITS <= float(self.bits) <= MAX_BITS) or math.isnan(self.bits):
             raise ValueError(f"bits must lie in [{MIN_BITS:g}, {MAX_BITS:g}]; got {self.bits}")
-        _check_choice("scheme", self.scheme, ("uniform", "log2"))
+        _check_choice("scheme", self.scheme, ("uniform", "log2", "auto"))
         _check_choice("granularity", self.granularity, ("tensor", "channel", "token", "group"))
         _check_choice("mode", self.mode, ("static", "dynamic", "per_step"))
         if self.granularity == "tensor" and self.axis is not None:

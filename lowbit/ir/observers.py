@@ -13,9 +13,10 @@ from typing import Iterator
 import torch
 import torch.fx
 
+from lowbit.ir.attention_statistics import CandidateErrors
 from lowbit.ir.statistics import CalibrationError, Layout, ObservationStore, RangeStatistics
 
-__all__ = ["OBSERVERS", "Observer", "is_observer", "observing", "remove_observers"]
+__all__ = ["OBSERVERS", "AttentionErrorObserver", "Observer", "is_observer", "observing", "remove_observers"]
 
 OBSERVERS = "lowbit_observers"
 
@@ -28,7 +29,11 @@ class Observer(torch.nn.Module):
         self.target, self.node, self.layout = target, node, layout
         self.store: ObservationStore | None = None
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor | None = None) -> None:
+    def measure(self, x: torch.Tensor, *companions: torch.Tensor):
+        return RangeStatistics.of(x, self.layout)
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor | None = None, *companions: torch.Tensor) -> None:
+        """``companions``: other tensors the statistic needs, split by timestep along with ``x``."""
         if self.store is None:
             raise CalibrationError(f"observer of {self.target} ran outside calibration: run the graph inside "
                                    f"lowbit.ir.observers.observing(graph_module, ctx.observations)")
@@ -40,7 +45,7 @@ class Observer(torch.nn.Module):
             )
         unique = sorted(set(steps))
         if len(unique) == 1:
-            self.store.add(self.target, unique[0], RangeStatistics.of(x, self.layout))
+            self.store.add(self.target, unique[0], self.measure(x, *companions))
             return
         if x.shape[0] != len(steps):
             raise CalibrationError(
@@ -49,7 +54,20 @@ class Observer(torch.nn.Module):
             )
         t = torch.tensor(steps)
         for value in unique:
-            self.store.add(self.target, value, RangeStatistics.of(x[t == value], self.layout))
+            self.store.add(self.target, value, self.measure(x[t == value], *(c[t == value] for c in companions)))
+
+
+class AttentionErrorObserver(Observer):
+    """Records, from an attention's probabilities and its V, the output error of each candidate
+    probability quantizer (CandidateErrors, for choose_attention_scheme)."""
+
+    def __init__(self, target: str, node: str, start_column: int | None, levels: int):
+        super().__init__(target, node, "channels_last")
+        self.start_column, self.levels = start_column, levels
+
+    def measure(self, x: torch.Tensor, *companions: torch.Tensor) -> CandidateErrors:
+        (v,) = companions
+        return CandidateErrors.of(x, v, self.start_column, self.levels)
 
 
 @contextmanager

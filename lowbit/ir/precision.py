@@ -19,7 +19,7 @@ from lowbit.ir.annotations import MAX_BITS, MIN_BITS
 __all__ = ["LayerOverride", "LayerPrecision", "Precision", "PrecisionError"]
 
 ActivationMode = Literal["static", "per_step", "dynamic"]
-AttentionScheme = Literal["uniform", "log2"]
+AttentionScheme = Literal["uniform", "log2", "auto"]
 
 
 class PrecisionError(ValueError):
@@ -78,7 +78,8 @@ class Precision:
     Q and K; per tensor for V), so it needs no calibration but has no form on the phone's HTP.
     ``keep_io_layers`` keeps the model's first and last weighted layers in floating point
     (Q-Diffusion and DGQ do). ``attention_scheme`` "log2" is DGQ eq. 2 for the
-    probabilities; ``dynamic_attention_scale`` takes their scale from the tensor at run time (eq. 8).
+    probabilities, "auto" lets ``choose_attention_scheme`` pick per layer from calibration;
+    ``dynamic_attention_scale`` takes their scale from the tensor at run time (eq. 8).
     """
 
     weight_bits: float

@@ -98,6 +98,10 @@ class RangeStatistics:
     def max(self) -> float:
         return float(self.channel_max.max())
 
+    @property
+    def device(self) -> torch.device:
+        return self.channel_min.device
+
     def to(self, device: torch.device | str) -> RangeStatistics:
         return RangeStatistics(self.channel_min.to(device), self.channel_max.to(device), self.token_min.to(device),
                                self.token_max.to(device), self.count)
@@ -109,7 +113,8 @@ class RangeStatistics:
 
 @dataclass
 class ObservationStore:
-    """Statistics for every (target, timestep) seen during calibration."""
+    """Statistics for every (target, timestep) seen during calibration: RangeStatistics, or any
+    statistic with ``merge``, ``to``, ``device`` and ``nbytes`` (``attention_statistics.CandidateErrors``)."""
 
     stats: dict[str, dict[float, RangeStatistics]] = field(default_factory=dict)
 
@@ -145,7 +150,8 @@ class ObservationStore:
 
     def device(self) -> torch.device:
         """Where the statistics are (the device the model was calibrated on); the CPU when empty."""
-        return next((s.channel_min.device for per_t in self.stats.values() for s in per_t.values()), torch.device("cpu"))
+        devices = (s.device for per_t in self.stats.values() for s in per_t.values())
+        return next((d for d in devices if d is not None), torch.device("cpu"))
 
     def nbytes(self) -> int:
         return sum(s.nbytes() for per_t in self.stats.values() for s in per_t.values())

@@ -16,6 +16,7 @@ import torch.fx
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, LayerInfo, QuantSpec
 from lowbit.ir.attention import parse_canonical_attention
+from lowbit.ir.attention_schemes import ATTENTION_SCHEMES
 from lowbit.ir.graph_edit import erase_unused
 from lowbit.ir.observers import remove_observers
 from lowbit.ir.params import PARAMS, OperandParams, target_name
@@ -104,6 +105,12 @@ def _convert_weighted(em: _Emitter, node: torch.fx.Node) -> torch.fx.Node:
 def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
     path = probs.meta[LAYER_KEY].path
     annotation = probs.meta[QUANT_KEY]
+    schemes = em.ctx.artifacts.get(ATTENTION_SCHEMES)
+    if schemes is not None and schemes.choice(path) is not None:
+        annotation = schemes.apply(path, annotation)  # on load, the rewrite passes' annotation is still "auto"
+    if annotation.probs is not None and annotation.probs.scheme == "auto":
+        raise PassError(f"{path}: its probability quantizer is still 'auto' (undecided): the recipe must run "
+                        f"choose_attention_scheme after insert_observers (as the dgq-*-auto recipes do)")
     ops = parse_canonical_attention(probs)
     operands = []
     for name, value in (("query", ops.q), ("key", ops.k), ("value", ops.v)):

@@ -6,7 +6,9 @@ context's ObservationStore: per-channel and per-token min/max plus per-channel m
 memory grows with channels + tokens, never with the number of calibration samples. Observers
 are side-effect nodes (no users), so the observed graph computes exactly what it did before.
 They hold no store: calibration runs the graph inside ``lowbit.ir.observers.observing(gm,
-ctx.observations)``, which hands them the context's store for that time only.
+ctx.observations)``, which hands them the context's store for that time only. Probabilities whose
+scheme is still "auto" also get an observer of what each candidate quantizer would do to the
+attention's output (``lowbit.ir.attention_statistics``), for choose_attention_scheme.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import torch.fx
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.attention import parse_canonical_attention
+from lowbit.ir.attention_schemes import errors_target
 from lowbit.ir.operands import activation_operands
 from lowbit.ir.params import target_name
-from lowbit.ir.observers import OBSERVERS, Observer
+from lowbit.ir.observers import OBSERVERS, AttentionErrorObserver, Observer
 from lowbit.passes.base import Pass, PassContext, PassResult
 
 __all__ = ["InsertObservers"]
@@ -36,6 +39,14 @@ class InsertObservers(Pass):
             gm.add_submodule(OBSERVERS, torch.nn.Module())
         holder = getattr(gm, OBSERVERS)
         count = 0
+
+        def observe(observer: Observer, value: torch.fx.Node, consumer: torch.fx.Node, *companions: torch.fx.Node) -> None:
+            nonlocal count
+            holder.add_module(f"obs{count}", observer)
+            with graph.inserting_before(consumer):  # after the operand and the timestep input
+                graph.call_module(f"{OBSERVERS}.obs{count}", (value, timestep, *companions))
+            count += 1
+
         for node in list(graph.nodes):
             annotation = node.meta.get(QUANT_KEY)
             if annotation is None:
@@ -44,14 +55,12 @@ class InsertObservers(Pass):
             consumer = parse_canonical_attention(node).output if info.kind == "attention" else node
             for operand, (value, layout) in activation_operands(node).items():
                 spec = getattr(annotation, operand)
+                if spec is not None and spec.scheme == "auto":
+                    observe(AttentionErrorObserver(errors_target(info.path), value.name, annotation.start_token, spec.qmax + 1),
+                            value, consumer, parse_canonical_attention(node).v)
                 if spec is None or spec.mode == "dynamic":  # nothing to calibrate: its range comes from itself
                     continue
-                target = target_name(info.path, operand)
-                name = f"obs{count}"
-                holder.add_module(name, Observer(target, value.name, layout))
-                with graph.inserting_before(consumer):  # after the operand and the timestep input
-                    graph.call_module(f"{OBSERVERS}.{name}", (value, timestep))
-                count += 1
+                observe(Observer(target_name(info.path, operand), value.name, layout), value, consumer)
         if count:
             gm.recompile()
         return PassResult(gm, modified=count > 0)

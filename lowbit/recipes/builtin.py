@@ -2,7 +2,8 @@
 
 ``<method>-w<W>a<A>`` is ``builtin/<method>.toml`` at W-bit weights and A-bit activations (any
 bit-widths in [2, 16]); ``-g<K>`` sets ``group_activations.groups`` for methods that group, and
-``-qkv<B>`` the attention's Q, K and V bits (LiteVAR's third column).
+``-qkv<B>`` the attention's Q, K and V bits (LiteVAR's third column), and ``-auto`` lets calibration
+choose each attention layer's probability quantizer (``choose_attention_scheme``).
 ``lowbit recipes --show NAME`` prints the resolved recipe, so a user reads exactly what it runs.
 """
 
@@ -19,7 +20,7 @@ from lowbit.recipes.recipe import Recipe, RecipeError
 __all__ = ["LITEVAR_ROWS", "get_recipe", "litevar_name", "recipes"]
 
 BUILTIN = Path(__file__).parent / "builtin"
-_NAME = re.compile(r"(?P<method>[a-z0-9]+(?:-[a-z]+)*)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?(?:-qkv(?P<qkv>\d+(?:\.\d+)?))?")
+_NAME = re.compile(r"(?P<method>[a-z0-9]+(?:-[a-z]+)*)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?(?:-qkv(?P<qkv>\d+(?:\.\d+)?))?(?P<auto>-auto)?")
 # the names listed by lowbit.recipes(): the bit-widths the project's tables use
 _LISTED = {"minmax": ((4, 6, 8, 16), (4, 6, 8, 16)), "mse": ((4, 6, 8, 16), (4, 6, 8, 16)),
            "adaround": ((4, 6, 8, 16), (4, 6, 8, 16)), "dgq": ((4, 8), (6, 8)),
@@ -54,6 +55,12 @@ def _instantiate(name: str) -> Recipe:
             raise RecipeError(f"unknown recipe {name!r}: -g<K> sets the groups of group_activations, which "
                               f"{match['method']} does not run")
         recipe = recipe.with_settings("group_activations", groups=int(match["g"]))
+    if match["auto"]:
+        if not recipe.precision.quantize_probs:
+            raise RecipeError(f"unknown recipe {name!r}: -auto chooses the attention probabilities' quantizer, which "
+                              f"{match['method']} leaves in floating point")
+        recipe = recipe.with_pass("choose_attention_scheme")
+        recipe = dataclasses.replace(recipe, precision=dataclasses.replace(recipe.precision, attention_scheme="auto"))
     return recipe
 
 
@@ -65,7 +72,7 @@ def recipes() -> list[str]:
             for a in activations:
                 names.append(f"{method}-w{w}a{a}")
                 if method == "dgq":
-                    names += [f"{method}-w{w}a{a}-g{k}" for k in _LISTED_GROUPS]
+                    names += [f"{method}-w{w}a{a}-g{k}" for k in _LISTED_GROUPS] + [f"{method}-w{w}a{a}-auto"]
     return sorted(names + [litevar_name(*row) for row in LITEVAR_ROWS])
 
 

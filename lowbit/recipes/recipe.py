@@ -91,6 +91,10 @@ class Recipe:
             raise RecipeError(f"{self.source}: recipe {self.name!r}: {str(err).removeprefix(f'{self.source}: ')}") from None
         if not any(p.name == "annotate_quantization" for p in pipeline):
             raise RecipeError(f"{self.source}: recipe {self.name!r} lists no annotate_quantization pass: nothing would be quantized")
+        if self.precision.attention_scheme == "auto" and self.precision.quantize_probs and not any(
+                p.name == "choose_attention_scheme" for p in pipeline):
+            raise RecipeError(f"{self.source}: recipe {self.name!r} sets attention_scheme = \"auto\" but lists no "
+                              f"choose_attention_scheme pass to decide it (put it after insert_observers)")
 
     @classmethod
     def build(cls, name: str, weight_bits: float, activation_bits: float, *, passes: tuple[PassStep, ...] = STANDARD_PASSES,

@@ -44,6 +44,7 @@ class LayerRow:
     timesteps: int
     rel_error: float | None
     sqnr_db: float | None
+    attention: str  # the probabilities' quantizer ("log2+start": log2 with the start column exact), "-" elsewhere
     set_by: str  # the recipe's [layers."pattern"] tables that set this layer, else "recipe" or "keep_io_layers"
 
 
@@ -106,7 +107,7 @@ def layer_report(qmodel: QuantizedModel, calibration: Iterable | None = None, ma
         set_by = precision.resolve(info.path).set_by
         source = ", ".join(f'layers."{p}"' for p in set_by) or ("recipe" if annotation else "keep_io_layers")
         if annotation is None:
-            rows.append(LayerRow(info.path, info.kind, None, None, "float", None, None, 0, None, None, source))
+            rows.append(LayerRow(info.path, info.kind, None, None, "float", None, None, 0, None, None, "-", source))
             continue
         operands = annotation.operands()
         act = next((operands[o] for o in _INPUT_OPERANDS if o in operands), None)
@@ -127,9 +128,17 @@ def layer_report(qmodel: QuantizedModel, calibration: Iterable | None = None, ma
             timesteps=len(ranges[0].timesteps) if ranges and ranges[0].timesteps is not None else 1,
             rel_error=rel,
             sqnr_db=-20 * math.log10(rel) if rel else None,
+            attention=_probs_quantizer(node.graph, info.path) if info.kind == "attention" else "-",
             set_by=source,
         ))
     return rows
+
+
+def _probs_quantizer(graph: torch.fx.Graph, layer: str) -> str:
+    """How an attention layer's probabilities are quantized, read from its quantized op."""
+    op = next((QuantizedAttention.of(n) for n in graph.nodes
+               if schema_class(n) is QuantizedAttention and n.meta[LAYER_KEY].path == layer), None)
+    return "-" if op is None else op.probs_scheme + ("+start" if op.start_token >= 0 else "")
 
 
 def _fmt(value) -> str:
@@ -142,9 +151,10 @@ def _fmt(value) -> str:
 
 def format_table(rows: list[LayerRow]) -> str:
     """A fixed-width table for the terminal."""
-    header = ["layer", "op", "W", "A", "granularity", "range", "T", "rel.err", "SQNR dB", "set by"]
+    header = ["layer", "op", "W", "A", "granularity", "range", "T", "rel.err", "SQNR dB", "probs", "set by"]
     body = [[r.layer, r.op, _fmt(r.weight_bits), _fmt(r.activation_bits), r.granularity,
-             f"[{_fmt(r.range_min)}, {_fmt(r.range_max)}]", str(r.timesteps), _fmt(r.rel_error), _fmt(r.sqnr_db), r.set_by]
+             f"[{_fmt(r.range_min)}, {_fmt(r.range_max)}]", str(r.timesteps), _fmt(r.rel_error), _fmt(r.sqnr_db),
+             r.attention, r.set_by]
             for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]

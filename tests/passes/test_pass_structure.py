@@ -35,7 +35,8 @@ from lowbit.ir.annotations import (
 from lowbit.ir.capture import capture
 from lowbit.ir.fake_quantizers import OperandFakeQuantizer, WeightFakeQuantizer
 from lowbit.ir.graph_edit import fetch_attr
-from lowbit.ir.observers import Observer, observing
+from lowbit.ir.attention_statistics import CANDIDATES
+from lowbit.ir.observers import AttentionErrorObserver, Observer, observing
 from lowbit.ir.params import OperandParams
 from lowbit.ir.precision import LayerOverride, Precision
 from lowbit.ir.schema import FakeQuant, OpSchema, QuantizedAttention, QuantizedLinear, SelectTimestep
@@ -301,11 +302,13 @@ CROSS_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v")
 
 
 def expected_cross(model: CrossModel, quant: dict | None = None, observed: bool = False,
-                   outliers: dict | None = None) -> torch.fx.GraphModule:
+                   outliers: dict | None = None, candidates: int | None = None) -> torch.fx.GraphModule:
     """The cross-attention graph in canonical form: linear q, k, v; kᵀ, q·kᵀ, ·scale, softmax, ·v.
     ``quant`` and ``outliers`` map a layer path to its annotation; ``observed`` adds an observer
     before each linear on its input and, before the output matmul, on q, k, v and the probabilities
-    (in that order), each taking (value, timestep)."""
+    (in that order, none on dynamic ones), each taking (value, timestep); ``candidates`` (the
+    probabilities' levels) adds, before the probabilities' own, the observer of the candidate
+    quantizers' errors, taking (probs, timestep, v)."""
     quant, outliers = quant or {}, outliers or {}
     e = ExpectedGraph()
     params = {p: (e.attr(f"{p}.weight", fetch_attr(model, f"{p}.weight")), e.attr(f"{p}.bias", fetch_attr(model, f"{p}.bias")))
@@ -336,7 +339,13 @@ def expected_cross(model: CrossModel, quant: dict | None = None, observed: bool 
                        quant=quant.get("attn"), outliers=outliers.get("attn"))
     if quant.get("attn") is not None:
         for operand, value in (("query", q), ("key", k), ("value", v), ("probs", probs)):
-            if getattr(quant["attn"], operand) is not None:
+            if operand == "probs" and candidates is not None:
+                with e.created_by("insert_observers"):
+                    observer = AttentionErrorObserver("attn:probs_candidates", probs.name, quant["attn"].start_token, candidates)
+                    e.module(f"lowbit_observers.obs{count}", observer, probs, t, v)
+                count += 1
+            spec = getattr(quant["attn"], operand)
+            if spec is not None and spec.mode != "dynamic":
                 observe(value, f"attn:{operand}")
     with e.created_by("canonicalize_attention"):
         out = e.call(aten.matmul.default, probs, v)
@@ -489,6 +498,46 @@ def test_choose_quant_params():
             assert p.timesteps.tolist() == steps and p.qvalues is None
             torch.testing.assert_close(p.scale, scale, msg=lambda m: f"{target} scale: {m}")
             torch.testing.assert_close(p.zero_point, zero_point, msg=lambda m: f"{target} zero point: {m}")
+
+
+@structural("choose_attention_scheme")
+def test_choose_attention_scheme():
+    """Probabilities at 8 bits with a run-time scale, scheme "auto", the start column marked: the
+    pass decides the annotation from the candidates' output errors, which it measured exactly."""
+    precision = Precision(weight_bits=8, activation_bits=8, keep_io_layers=False, attention_scheme="auto",
+                          dynamic_attention_scale=True)
+    passes = ANNOTATED + [("split_start_token", {}), ("insert_observers", {})]
+    model, gm, ctx = prepared(CrossModel, cross_inputs, passes, precision, calibrate=True)
+    gm, record, _ = run_pass(gm, ctx, "choose_attention_scheme")
+    expected_errors = torch.zeros(len(STEPS), len(CANDIDATES), dtype=torch.float64)
+    for i, t in enumerate(sorted(STEPS)):
+        ops = cross_operands(model, cross_inputs(t, STEPS.index(t)))
+        for c, (scheme, split) in enumerate(CANDIDATES):
+            q = quantize_probs_by_hand(ops["attn:probs"], scheme, split)
+            expected_errors[i, c] = float(((q - ops["attn:probs"]) @ ops["attn:value"]).double().pow(2).sum())
+    scheme, split = CANDIDATES[int(expected_errors.sum(0).argmin())]
+    decided = QuantAnnotation(query=A8, key=A8, value=A8, probs=QuantSpec(8, scheme=scheme, mode="dynamic"),
+                              start_token=0 if split else None)
+    auto = dataclasses.replace(decided, probs=QuantSpec(8, scheme="auto", mode="dynamic"), start_token=0)
+    assert_same_structure(gm, expected_cross(model, CROSS_QUANT | {"attn": decided}, observed=True, candidates=256))
+    assert record.modified and record.context == ("artifact:attention_schemes",)
+    assert record.annotated == _names(gm, lambda n: n.target == aten.softmax.int)
+    assert not (record.added or record.removed or record.rewired)
+    schemes = ctx.artifacts["attention_schemes"]
+    assert schemes.layers == ("attn",) and schemes.steps.tolist() == sorted(STEPS)
+    torch.testing.assert_close(schemes.errors[0], expected_errors, rtol=1e-5, atol=1e-12)
+    assert schemes.apply("attn", auto) == decided
+
+
+def quantize_probs_by_hand(p: torch.Tensor, scheme: str, split: bool) -> torch.Tensor:
+    """8-bit probabilities with the scale max(P) (the start column 0 left out of it and kept when ``split``)."""
+    rest = p[..., 1:] if split else p
+    s = rest.amax()
+    if scheme == "log2":
+        q = s * 2.0 ** -torch.clamp(torch.round(-torch.log2(rest.clamp_min(1e-30) / s)), 0, 255)
+    else:
+        q = torch.clamp(torch.round(rest / (s / 255)), 0, 255) * (s / 255)
+    return torch.cat([p[..., :1], q], -1) if split else q
 
 
 @structural("detect_outlier_dim")

@@ -1,5 +1,5 @@
 """Small configs of PixArt, Sana, SD3, the SD-1.x and SDXL UNets and FLUX export and load on the
-QNN HTP with no CPU fallback and no float island; the transformers also compute what eager does."""
+QNN HTP with no CPU fallback and no float island, and compute what eager does."""
 
 import onnx
 import pytest
@@ -15,9 +15,6 @@ from tests.conftest import calibration_set
 
 # Same tolerance and reason as for the reference model (test_reference_export.py).
 HTP_NOISE = 2.0
-UNET_NUMERICS = pytest.mark.xfail(strict=True, reason=(
-    "the UNets load and run every op on the HTP, but their output is wrong (relative error ~1.1): the HTP "
-    "computes the first quantized 3x3 conv right alone and wrong inside the graph; not resolved yet"))
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +42,7 @@ def _integer_weight_bytes(path) -> int:
 
 
 @pytest.mark.parametrize("name", ["pixart", "sana", "sd3", "flux",
-                                  pytest.param("sd-unet", marks=UNET_NUMERICS), pytest.param("sdxl-unet", marks=UNET_NUMERICS)])
+                                  "sd-unet", "sdxl-unet"])
 def test_family_exports_and_runs_on_the_htp(exported, name):
     model, calibration, qmodel, result = exported(name)
     args, kwargs = calibration[1]

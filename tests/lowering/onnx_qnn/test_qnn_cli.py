@@ -3,12 +3,20 @@
 
 import json
 
+import onnx
+from onnx import numpy_helper
+
 from lowbit.cli import main
+from lowbit.lowering.onnx_qnn.quantizers import QUANTIZER_KEY
+
+W8A16_LAYER = "transformer_blocks.1.attn1.to_out.0"
 
 
 def test_export_then_verify(tmp_path, capsys, mixed_recipe):
-    """A TOML recipe (pass list, per-layer tables: W4A8, one MLP at W8A8, proj_out in float) all the way
-    to the HTP; verify-qnn reloads the saved quantized model to compare against."""
+    """A TOML recipe (pass list, per-layer tables: W4A8, one MLP at W8A8, one projection at W8A16,
+    proj_out in float, i.e. fp16 on the HTP) all the way to the HTP; verify-qnn reloads the saved
+    quantized model to compare against, with CPU fallback disabled."""
+    mixed_recipe.write_text(mixed_recipe.read_text() + f'\n[layers."{W8A16_LAYER}"]\nweight_bits = 8\nactivation_bits = 16\n')
     out = tmp_path / "qnn"
     assert main(["export", "--target", "qnn-htp", "--model", "pixart", "--recipe", str(mixed_recipe),
                  "--steps", "2", "--prompts", "1", "--out", str(out)]) == 0
@@ -16,6 +24,11 @@ def test_export_then_verify(tmp_path, capsys, mixed_recipe):
     assert manifest["model"] == "pixart" and len(manifest["graphs"]) == 2 and manifest["batch"] == 2
     assert len(list((out / "context").glob("*.bin"))) == 1 and len(list((out / "context").glob("*_ctx.onnx"))) == 2
     graph = out / next(iter(manifest["graphs"].values()))
+    model = onnx.load(graph)
+    zero_points = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    input_quantizers = [n for n in model.graph.node if n.op_type == "QuantizeLinear"
+                        and any(p.key == QUANTIZER_KEY and p.value == f"{W8A16_LAYER}:input" for p in n.metadata_props)]
+    assert input_quantizers and all(str(zero_points[n.input[2]].dtype) == "uint16" for n in input_quantizers)
     capsys.readouterr()
     assert main(["verify-qnn", str(graph)]) == 0
     printed = capsys.readouterr().out
