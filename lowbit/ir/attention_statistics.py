@@ -12,8 +12,9 @@ must assume the lost mass spreads evenly over rows) still ranked 2 of 6 cases wr
 So calibration measures the output error itself: at every call, each candidate quantizes the
 probabilities with its run-time scale (the call's maximum, DGQ eq. 8) and Σ ‖(Q(P) − P) V‖² is
 added up, per layer and step — four scalars, whatever the number of samples; nothing of the maps
-is kept. The cost is four extra quantize-and-multiply passes per attention call, at calibration
-only. For recipes with static per-step ranges the choice is made at the call's scale, which the
+is kept, and a call's maps are quantized a few (batch, head) slices at a time (64 MB), so an SD
+map of 4,096² per head needs no copy of itself. The cost is four extra quantize-and-multiply
+passes per attention call, at calibration only. For recipes with static per-step ranges the choice is made at the call's scale, which the
 step's range (the maximum over its calls) approaches.
 """
 
@@ -30,6 +31,8 @@ from lowbit.ir.ops import quantize_probs
 __all__ = ["CANDIDATES", "CandidateErrors", "candidate_name"]
 
 CANDIDATES = (("uniform", False), ("log2", False), ("uniform", True), ("log2", True))  # ties go to the earlier
+_CHUNK = 1 << 24  # probabilities quantized at a time (64 MB of float32)
+_TINY = 1e-30  # the smallest run-time scale, as in lowbit.ir.ops
 
 
 def candidate_name(scheme: str, split: bool) -> str:
@@ -49,15 +52,33 @@ class CandidateErrors:
 
     @classmethod
     def of(cls, probs: Tensor, v: Tensor, start_column: int | None, levels: int) -> CandidateErrors:
-        p, v = probs.detach().float(), v.detach().float()
-        squared = torch.full((len(CANDIDATES),), math.inf, dtype=torch.float64)
-        for c, (scheme, split) in enumerate(CANDIDATES):
-            if split and start_column is None:
-                continue
-            q = quantize_probs(p, None, None, scheme, 0, levels - 1, start_column if split else -1, dynamic_scale=True)
-            squared[c] = float(torch.matmul(q - p, v).double().pow(2).sum())
+        lead = torch.broadcast_shapes(probs.shape[:-2], v.shape[:-2])
+        p = probs.detach().float().expand(*lead, *probs.shape[-2:]).reshape(-1, *probs.shape[-2:])
+        v = v.detach().float().expand(*lead, *v.shape[-2:]).reshape(-1, *v.shape[-2:])
+        # the run-time scales (DGQ eq. 8) are maxima over the whole call: taken first, so that the maps are
+        # then quantized a few (batch, head) slices at a time and no candidate's copy of a whole map exists
+        peak_all = p.amax().clamp_min(_TINY)
+        peak_rest = None
+        if start_column is not None:
+            others = torch.ones(p.shape[-1], dtype=torch.bool, device=p.device)
+            others[start_column] = False
+            peak_rest = p[..., others].amax().clamp_min(_TINY) if others.any() else peak_all
+        applicable = [not split or start_column is not None for _, split in CANDIDATES]
+        squared = torch.tensor([0.0 if ok else math.inf for ok in applicable], dtype=torch.float64)
+        energy = 0.0
+        step = max(1, _CHUNK // max(1, p[0].numel()))
+        for p_chunk, v_chunk in zip(p.split(step), v.split(step)):
+            energy += float(torch.matmul(p_chunk, v_chunk).double().pow(2).sum())
+            for c, ((scheme, split), ok) in enumerate(zip(CANDIDATES, applicable)):
+                if not ok:
+                    continue
+                peak = peak_rest if split else peak_all
+                scale = peak if scheme == "log2" else peak / (levels - 1)
+                q = quantize_probs(p_chunk, scale, torch.zeros_like(scale), scheme, 0, levels - 1,
+                                   start_column if split else -1, dynamic_scale=False)
+                squared[c] += float(torch.matmul(q - p_chunk, v_chunk).double().pow(2).sum())
         start_mass = float(p[..., start_column].sum()) if start_column is not None else math.nan
-        return cls(squared, float(torch.matmul(p, v).double().pow(2).sum()), start_mass, p.numel() // p.shape[-1])
+        return cls(squared, energy, start_mass, p.numel() // p.shape[-1])
 
     def merge(self, other: CandidateErrors) -> CandidateErrors:
         return CandidateErrors(self.squared + other.squared, self.energy + other.energy,

@@ -120,3 +120,20 @@ def test_static_auto_scale_comes_from_the_chosen_scheme(tmp_path):
     lowbit.save(qmodel, tmp_path / "q")
     inputs = samples[0][1]
     torch.testing.assert_close(lowbit.load(tmp_path / "q", model)(**inputs), qmodel(**inputs), rtol=0, atol=0)
+
+
+def test_candidate_errors_do_not_depend_on_the_slices_they_are_computed_in(monkeypatch):
+    """Maps are quantized a few (batch, head) slices at a time with the whole call's scales."""
+    from lowbit.ir import attention_statistics
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 16, 40, generator=g) * 2
+    logits[..., 0] += 4
+    probs, v = torch.softmax(logits, -1), torch.randn(2, 3, 40, 8, generator=g) + 1
+    whole = attention_statistics.CandidateErrors.of(probs, v, 0, 64)
+    monkeypatch.setattr(attention_statistics, "_CHUNK", 16 * 40)  # one (batch, head) slice at a time
+    sliced = attention_statistics.CandidateErrors.of(probs, v, 0, 64)
+    torch.testing.assert_close(sliced.squared, whole.squared, rtol=1e-6, atol=0)
+    for c, (scheme, split) in enumerate(CANDIDATES):  # and both equal quantizing the whole call at once
+        err = quantize_probs(probs, None, None, scheme, 0, 63, 0 if split else -1, True) - probs
+        assert float(whole.squared[c]) == pytest.approx(float((err @ v).double().pow(2).sum()), rel=1e-6)
