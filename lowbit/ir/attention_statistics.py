@@ -14,8 +14,8 @@ probabilities with its run-time scale (the call's maximum, DGQ eq. 8) and Σ ‖
 added up, per layer and step — four scalars, whatever the number of samples; nothing of the maps
 is kept, and a call's maps are quantized a few (batch, head) slices at a time (64 MB), so an SD
 map of 4,096² per head needs no copy of itself. The cost is four extra quantize-and-multiply
-passes per attention call, at calibration only. For recipes with static per-step ranges the choice is made at the call's scale, which the
-step's range (the maximum over its calls) approaches.
+passes per attention call, at calibration only. For recipes with static per-step ranges the
+choice is made at the call's scale, which the step's range (the maximum over its calls) approaches.
 """
 
 from __future__ import annotations

@@ -4,9 +4,9 @@ For every attention whose probabilities are annotated with the undecided scheme 
 insert_observers measured, per step, the error each candidate — uniform and log2 grids, with and
 without the start-token column kept exact (where split_start_token marked one) — would put into the
 attention's output (``lowbit.ir.attention_statistics``); this pass keeps, per layer, the candidate
-with the least error over the calibrated steps (``lowbit.ir.attention_schemes``). The choice is the ``attention_schemes``
-artifact, and the annotations are rewritten with it so that the passes after this one (ranges,
-fake quantizers) quantize what convert will emit.
+with the least error over the calibrated steps (``lowbit.ir.attention_schemes``). The choice is the
+``attention_schemes`` artifact, and the annotations are rewritten with it so that the passes after
+this one (ranges, fake quantizers) quantize what convert will emit.
 """
 
 from __future__ import annotations

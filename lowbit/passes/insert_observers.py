@@ -52,12 +52,13 @@ class InsertObservers(Pass):
             if annotation is None:
                 continue
             info = node.meta[LAYER_KEY]
-            consumer = parse_canonical_attention(node).output if info.kind == "attention" else node
+            attention = parse_canonical_attention(node) if info.kind == "attention" else None
+            consumer = attention.output if attention is not None else node
             for operand, (value, layout) in activation_operands(node).items():
                 spec = getattr(annotation, operand)
                 if spec is not None and spec.scheme == "auto":
                     observe(AttentionErrorObserver(errors_target(info.path), value.name, annotation.start_token, spec.qmax + 1),
-                            value, consumer, parse_canonical_attention(node).v)
+                            value, consumer, attention.v)
                 if spec is None or spec.mode == "dynamic":  # nothing to calibrate: its range comes from itself
                     continue
                 observe(Observer(target_name(info.path, operand), value.name, layout), value, consumer)

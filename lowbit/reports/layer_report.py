@@ -21,6 +21,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
+from lowbit.ir.attention_statistics import candidate_name
 from lowbit.ir.capture import normalize_inputs
 from lowbit.ir.ops import attention_probs
 from lowbit.ir.params import target_name
@@ -138,7 +139,7 @@ def _probs_quantizer(graph: torch.fx.Graph, layer: str) -> str:
     """How an attention layer's probabilities are quantized, read from its quantized op."""
     op = next((QuantizedAttention.of(n) for n in graph.nodes
                if schema_class(n) is QuantizedAttention and n.meta[LAYER_KEY].path == layer), None)
-    return "-" if op is None else op.probs_scheme + ("+start" if op.start_token >= 0 else "")
+    return "-" if op is None else candidate_name(op.probs_scheme, op.start_token >= 0)
 
 
 def _fmt(value) -> str:
