@@ -97,3 +97,18 @@ def test_with_settings_changes_some_settings_of_a_pass_and_keeps_the_rest():
     assert settings["qat_steps"] == 7 and settings["qat_schedule"][-1] == [0, 14]  # the schedule kept
     with pytest.raises(RecipeError, match="runs no pass 'train_quantized'"):
         get_recipe("minmax-w8a8").with_settings("train_quantized", qat_steps=7)
+
+
+def test_mdwa_recipes_alone_and_composed():
+    alone = get_recipe("mdwa-0.95")
+    assert [s.name for s in alone.passes] == ["canonicalize_attention", "annotate_quantization", "insert_window_observers",
+                                              "choose_attention_windows", "convert_to_quantized_ops"]
+    assert dict(alone.passes[3].settings) == {"ratio": 0.95}
+    assert alone.precision.resolve("blocks.0.attn.proj").keep_float  # nothing quantized
+    composed = get_recipe("litevar-w4a8-mdwa0.9")
+    names = [s.name for s in composed.passes]
+    assert names.index("insert_window_observers") < names.index("choose_attention_windows") < names.index("convert_to_quantized_ops")
+    assert composed.precision.weight_bits == 4 and dict(composed.passes[names.index("choose_attention_windows")].settings) == {"ratio": 0.9}
+    with pytest.raises(RecipeError, match="R0 must be in"):
+        get_recipe("mdwa-1.5")
+    assert {"mdwa-1", "mdwa-0.95", "mdwa-0.6"} <= set(lowbit.recipes())

@@ -24,9 +24,10 @@ from typing import Callable, Iterable, Iterator
 import numpy as np
 import torch
 
-from lowbit.reports.accounting import Cost, costs
+from lowbit.reports.accounting import Cost, attention_saved, costs
 from lowbit.core.calibration import record_inputs
 from lowbit.core.distributed import shard
+from lowbit.ir.attention_windows import WINDOW_BLOCK
 from lowbit.ir.capture import batch_size
 from lowbit.evaluation.grid import save_grid
 from lowbit.evaluation.harness import Sampler, evaluate, prompt_set
@@ -62,6 +63,8 @@ class EvalRow:
     size_kb: float
     quant_params_kb: float
     seconds: float
+    attention_saved: float = math.nan  # fraction of attention work MDWA's windows and ASC skip (element mask)
+    attention_saved_blocks: float = math.nan  # the same with windows counted in WINDOW_BLOCK² tiles, as a kernel skips
 
 
 class ReferenceCalibration:
@@ -206,7 +209,8 @@ def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps:
         yield "full precision", 32, 32, subject.sampler(model), model
         for recipe in recipes:
             qmodel = quantize(model, recipe, calibration, step_arg=subject.step_arg, progress=progress)
-            yield recipe.name, recipe.precision.weight_bits, recipe.precision.activation_bits, subject.sampler(qmodel), qmodel
+            bits = (32, 32) if recipe.precision.resolve("").keep_float else (recipe.precision.weight_bits, recipe.precision.activation_bits)
+            yield recipe.name, *bits, subject.sampler(qmodel), qmodel  # all-float: LiteVAR's attention savings alone
         sanity = subject.sanity | (extra_samplers or {})
         yield from ((name, math.nan, math.nan, sampler, None) for name, sampler in sanity.items())
 
@@ -219,6 +223,8 @@ def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps:
             fp_images = result.images_seen
         psnr_vs_fp, same = (None, None) if denoiser is model else compare_images(result.images_seen, fp_images)
         bops, c = _run_cost(denoiser, costed, subject.step_arg) if denoiser is not None else (math.nan, None)
+        artifacts = getattr(denoiser, "artifacts", {})
+        saved, saved_blocks = attention_saved(artifacts), attention_saved(artifacts, WINDOW_BLOCK)
         rows.append(EvalRow(
             model=name, weight_bits=w_bits, activation_bits=a_bits,
             fid=result.fid, inception_score=result.inception_score,
@@ -228,6 +234,8 @@ def run_eval(recipes: list[str | Recipe], samples: int, *, seed: int = 0, steps:
             size_kb=c.size_bytes / 1024 if c else math.nan,
             quant_params_kb=c.quant_param_bytes / 1024 if c else math.nan,
             seconds=seconds,
+            attention_saved=math.nan if saved is None else saved,
+            attention_saved_blocks=math.nan if saved_blocks is None else saved_blocks,
         ))
         grid[name] = result.images_seen[:10]
     return rows, grid
@@ -239,15 +247,22 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _saved(row: EvalRow) -> str:
+    if math.isnan(row.attention_saved):
+        return "–"
+    return f"{row.attention_saved:.1%} / {row.attention_saved_blocks:.1%}"
+
+
 def markdown(rows: list[EvalRow]) -> str:
     header = ["model", "W/A", "FID ↓", "IS ↑", "align seen ↑", "align held-out ↑", "PSNR vs FP (dB) ↑", "same image as FP",
-              f"GBOPs/{rows[0].cost_unit if rows else 'call'}", "size (KB)", "of which q-params (KB)", "time (s)"]
+              f"GBOPs/{rows[0].cost_unit if rows else 'call'}", "size (KB)", "of which q-params (KB)",
+              f"attention FLOPs saved (elements / {WINDOW_BLOCK}² blocks)", "time (s)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
         bits = "–" if math.isnan(r.weight_bits) else f"{r.weight_bits:g}/{r.activation_bits:g}"
         cells = [r.model, bits, _cell(r.fid), _cell(r.inception_score),
                  _cell(r.alignment_seen), _cell(r.alignment_heldout), _cell(r.psnr_vs_fp), _cell(r.same_as_fp), _cell(r.gbops),
-                 _cell(r.size_kb), _cell(r.quant_params_kb), f"{r.seconds:.0f}"]
+                 _cell(r.size_kb), _cell(r.quant_params_kb), _saved(r), f"{r.seconds:.0f}"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

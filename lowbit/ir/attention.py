@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.fx
 
-from lowbit.ir.annotations import ATTENTION_KEY
+from lowbit.ir.annotations import ATTENTION_KEY, LAYER_KEY
 from lowbit.ir.graph_edit import call
 
-__all__ = ["AttentionOperands", "emit_canonical_attention", "parse_canonical_attention"]
+__all__ = ["AttentionOperands", "attention_softmaxes", "emit_canonical_attention", "parse_canonical_attention"]
 
 aten = torch.ops.aten
 
@@ -90,3 +90,8 @@ def parse_canonical_attention(probs: torch.fx.Node) -> AttentionOperands:
         users = list(users[0].users)
     output = next(u for u in users if u.target == aten.matmul.default)
     return AttentionOperands(_skip_casts(q), _skip_casts(k), output.args[1], mask, float(scale), probs, output)
+
+
+def attention_softmaxes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
+    """Every canonical attention's softmax (its probabilities), in graph order."""
+    return [n for n in graph.nodes if LAYER_KEY in n.meta and n.meta[LAYER_KEY].kind == "attention"]

@@ -26,10 +26,13 @@ from torch.utils import _pytree as pytree
 
 from lowbit.ir.annotations import LAYER_KEY, LayerInfo
 
-__all__ = ["CaptureError", "InputSignature", "SIGNATURE_KEY", "TensorSpec", "batch_size", "capture", "module_path",
+__all__ = ["CaptureError", "InputSignature", "CFG_LAYOUT_KEY", "SIGNATURE_KEY", "STEP_TOKENS_KEY", "TensorSpec", "batch_size", "capture", "module_path",
            "normalize_inputs", "unique_path"]
 
 SIGNATURE_KEY = "lowbit.signature"
+STEP_TOKENS_KEY = "lowbit.step_tokens"  # the model's step_tokens: how many keys each step adds to a cache
+CFG_LAYOUT_KEY = "lowbit.cfg_layout"  # the model's cfg_layout: which half of a CFG batch is conditional
+_CFG_LAYOUTS = ("conditional_first", "unconditional_first")
 _WEIGHTED = {
     torch.ops.aten.linear.default: "linear",
     torch.ops.aten.conv2d.default: "conv2d",
@@ -139,6 +142,24 @@ def _dynamic_dims(model: torch.nn.Module) -> dict[str, tuple[int, ...]]:
     if not all(isinstance(v, tuple) and all(isinstance(d, int) and d > 0 for d in v) for v in dims.values()):
         raise CaptureError(f"{type(model).__name__}.dynamic_dims must map argument names to tuples of dimensions > 0; got {dims}")
     return dims
+
+
+def _step_tokens(model: torch.nn.Module) -> tuple[int, ...]:
+    """A model's ``step_tokens``: the tokens each step adds to its attention's key cache (VAR: s_k² per
+    scale), which lays out the key axis of a cached attention in parts (LiteVAR's MDWA); () if none."""
+    tokens = tuple(getattr(model, "step_tokens", ()))
+    if not all(isinstance(t, int) and t > 0 for t in tokens):
+        raise CaptureError(f"{type(model).__name__}.step_tokens must be positive ints; got {tokens}")
+    return tokens
+
+
+def _cfg_layout(model: torch.nn.Module) -> str | None:
+    """A model's ``cfg_layout``: "conditional_first" (VAR's [class; null]) or "unconditional_first"
+    (diffusers pipelines' [negative; prompt]) for the halves of its CFG batches; None if it says nothing."""
+    layout = getattr(model, "cfg_layout", None)
+    if layout is not None and layout not in _CFG_LAYOUTS:
+        raise CaptureError(f"{type(model).__name__}.cfg_layout must be one of {_CFG_LAYOUTS}; got {layout!r}")
+    return layout
 
 
 def _per_argument(kwargs: dict[str, Any], fn) -> dict[str, Any]:
@@ -263,4 +284,6 @@ def capture(model: torch.nn.Module, args: tuple = (), kwargs: dict | None = None
         if kind and isinstance(node.args[1], torch.fx.Node) and node.args[1].op == "get_attr":
             node.meta[LAYER_KEY] = LayerInfo(path=unique_path(node.args[1].target.rsplit(".", 1)[0], seen), kind=kind)
     gm.meta[SIGNATURE_KEY] = _signature_of(kw, batch, step_arg, dims)
+    gm.meta[STEP_TOKENS_KEY] = _step_tokens(model)
+    gm.meta[CFG_LAYOUT_KEY] = _cfg_layout(model)
     return gm

@@ -14,9 +14,12 @@ import torch
 import torch.fx
 
 from lowbit.ir.attention_statistics import CandidateErrors
+from lowbit.ir.attention_window_statistics import WindowMass
+from lowbit.ir.cfg_statistics import HalfDifference
 from lowbit.ir.statistics import CalibrationError, Layout, ObservationStore, RangeStatistics
 
-__all__ = ["OBSERVERS", "AttentionErrorObserver", "Observer", "is_observer", "observing", "remove_observers"]
+__all__ = ["OBSERVERS", "AttentionErrorObserver", "AttentionMassObserver", "CFGDifferenceObserver", "Observer", "attach_observer",
+           "step_input", "is_observer", "observing", "remove_observers"]
 
 OBSERVERS = "lowbit_observers"
 
@@ -70,6 +73,30 @@ class AttentionErrorObserver(Observer):
         return CandidateErrors.of(x, v, self.start_column, self.levels)
 
 
+class AttentionMassObserver(Observer):
+    """Records where an attention's probability mass lies along its key parts' diagonals
+    (WindowMass, for choose_attention_windows); ``step_tokens`` is the model's cached-key layout."""
+
+    def __init__(self, target: str, node: str, step_tokens: tuple[int, ...] | None):
+        super().__init__(target, node, "channels_last")
+        self.step_tokens = step_tokens
+
+    def measure(self, x: torch.Tensor, *companions: torch.Tensor) -> WindowMass:
+        return WindowMass.of(x, self.step_tokens)
+
+
+class CFGDifferenceObserver(Observer):
+    """Records how far apart the two halves of a CFG batch are at an attention's output (HalfDifference,
+    for choose_cfg_sharing); its companion is the probabilities, whose shape counts the work."""
+
+    def __init__(self, target: str, node: str):
+        super().__init__(target, node, "channels_last")
+
+    def measure(self, x: torch.Tensor, *companions: torch.Tensor) -> HalfDifference:
+        (probs,) = companions
+        return HalfDifference.of(x, probs)
+
+
 @contextmanager
 def observing(gm: torch.nn.Module, store: ObservationStore) -> Iterator[None]:
     """Let the observers of ``gm`` file their statistics into ``store`` within the block."""
@@ -81,6 +108,22 @@ def observing(gm: torch.nn.Module, store: ObservationStore) -> Iterator[None]:
     finally:
         for m in observers:
             m.store = None
+
+
+def step_input(gm: torch.fx.GraphModule, step_arg: str | None) -> torch.fx.Node | None:
+    """The graph's step input (a diffusion timestep, a VAR scale), which every observer reads."""
+    return next((n for n in gm.graph.nodes if n.op == "placeholder" and n.name == step_arg), None)
+
+
+def attach_observer(gm: torch.fx.GraphModule, name: str, observer: Observer, args: tuple, *,
+                    before: torch.fx.Node | None = None, after: torch.fx.Node | None = None) -> torch.fx.Node:
+    """Register ``observer`` as ``lowbit_observers.<name>`` and call it on ``args`` (value, step,
+    companions) right before or after a node; the caller recompiles once it has attached them all."""
+    if not hasattr(gm, OBSERVERS):
+        gm.add_submodule(OBSERVERS, torch.nn.Module())
+    getattr(gm, OBSERVERS).add_module(name, observer)
+    with gm.graph.inserting_before(before) if before is not None else gm.graph.inserting_after(after):
+        return gm.graph.call_module(f"{OBSERVERS}.{name}", args)
 
 
 def is_observer(node: torch.fx.Node) -> bool:

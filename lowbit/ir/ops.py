@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from lowbit.ir.attention_window_statistics import window_keep
 from lowbit.ir.schema import DynamicParams, FakeQuant, Log2FakeQuant, OpSchema, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "attention_probs",
     "attention_reference",
     "asymmetric_params",
+    "batch_half",
     "conv2d_reference",
     "dynamic_params",
     "linear_reference",
@@ -124,14 +126,19 @@ def conv2d_reference(
     return F.conv2d(xq, w, bias, stride, padding, dilation, groups)
 
 
-def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float) -> Tensor:
-    """softmax(q kᵀ · scale + mask) in float32, with SDPA's mask conventions (bool: keep where True)."""
+def attention_probs(q: Tensor, k: Tensor, attn_mask: Tensor | None, scale: float,
+                    window_widths: Tensor | None = None, window_lengths: Tensor | None = None) -> Tensor:
+    """softmax(q kᵀ · scale + mask) in float32, with SDPA's mask conventions (bool: keep where True),
+    and -inf outside the windows where they are given (MDWA)."""
     scores = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
         else:
             scores = scores + attn_mask.float()
+    if window_widths is not None:
+        keep = window_keep(q.shape[-2], k.shape[-2], window_widths, window_lengths)
+        scores = scores.masked_fill(~keep, float("-inf"))
     return torch.softmax(scores, dim=-1)
 
 
@@ -188,15 +195,34 @@ def attention_reference(
     probs_qmax: int,
     start_token: int,
     dynamic_scale: bool,
+    window_widths: Tensor | None = None,
+    window_lengths: Tensor | None = None,
+    shared_half: int = -1,
 ) -> Tensor:
-    """softmax(q kᵀ · scale + mask) V with the probabilities quantized (scheme "none" keeps them).
+    """softmax(q kᵀ · scale + mask) V with the probabilities quantized (scheme "none" keeps them),
+    within the windows where they are given; for one half of the batch only, given to both, when
+    ``shared_half`` is 0 or 1 (CFG sharing).
 
     q, k, v are (..., heads, tokens, head_dim) as for SDPA; they arrive already quantized by
     their own fake_quant nodes when the recipe quantizes them.
     """
-    probs = attention_probs(q, k, attn_mask, scale)
+    if shared_half >= 0:
+        if q.shape[0] % 2:
+            raise ValueError(f"attention shared across CFG needs a batch of two halves; got a batch of {q.shape[0]}")
+        q, k, v, attn_mask = (batch_half(t, q.shape[0], shared_half) for t in (q, k, v, attn_mask))
+    probs = attention_probs(q, k, attn_mask, scale, window_widths, window_lengths)
     probs = quantize_probs(probs, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token, dynamic_scale)
-    return torch.matmul(probs.to(v.dtype), v)
+    out = torch.matmul(probs.to(v.dtype), v)
+    return torch.cat([out, out]) if shared_half >= 0 else out
+
+
+def batch_half(t: Tensor | None, batch: int, half: int) -> Tensor | None:
+    """Half ``half`` of a CFG batch of ``batch`` samples: ``t``'s own half where its leading dimension is
+    the batch, ``t`` itself where it broadcasts (a mask or keys shared by every sample)."""
+    if t is None or t.dim() == 0 or t.shape[0] != batch:
+        return t
+    n = batch // 2
+    return t[half * n : (half + 1) * n]
 
 
 def _select_timestep(table: Tensor, timesteps: Tensor, timestep: Tensor) -> Tensor:

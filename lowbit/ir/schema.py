@@ -53,7 +53,8 @@ class OpSchema:
     def torch_schema(cls) -> str:
         """The op's signature for ``torch.library``, in field order."""
         hints = typing.get_type_hints(cls)
-        fields = ", ".join(f"{_torch_type(hints[f.name])} {f.name}" for f in dataclasses.fields(cls))
+        fields = ", ".join(f"{_torch_type(hints[f.name])} {f.name}" + ("" if f.default is dataclasses.MISSING else f"={f.default}")
+                           for f in dataclasses.fields(cls))
         return f"({fields}) -> Tensor"
 
     @classmethod
@@ -240,7 +241,11 @@ class QuantizedAttention(OpSchema):
     ``probs_scheme`` "none" keeps them, "uniform" or "log2" quantizes them on [probs_qmin,
     probs_qmax]; ``start_token`` >= 0 keeps that key column in full precision (DGQ eq. 9);
     ``dynamic_scale`` takes the scale from the probabilities at run time (eq. 8), with no stored
-    ``probs_scale``.
+    ``probs_scale``. ``window_widths`` (heads, parts) and ``window_lengths`` (parts,) are LiteVAR's
+    multi-diagonal windows at this step (``lowbit.ir.attention_windows``): entries outside them are
+    masked (-inf) before the softmax; None attends everywhere the mask allows. ``shared_half`` 0 or 1
+    computes the attention for that half of the batch only (a CFG batch's conditional half) and gives
+    its output to both halves (LiteVAR's ASC); -1 computes every sample.
     """
 
     NAME: ClassVar[str] = "quantized_attention"
@@ -256,8 +261,15 @@ class QuantizedAttention(OpSchema):
     probs_qmax: int
     start_token: int
     dynamic_scale: bool
+    window_widths: Tensor | None = None
+    window_lengths: Tensor | None = None
+    shared_half: int = -1
 
     def __post_init__(self) -> None:
+        if self.shared_half not in (-1, 0, 1):
+            raise ValueError(f"{self.NAME}: shared_half is 0, 1 (the half computed) or -1 (none), got {self.shared_half}")
+        if (self.window_widths is None) != (self.window_lengths is None):
+            raise ValueError(f"{self.NAME}: window_widths and window_lengths come together")
         if self.probs_scheme not in ("none", "uniform", "log2"):
             raise ValueError(f"{self.NAME}: probs_scheme must be 'none', 'uniform' or 'log2', got {self.probs_scheme!r}")
         _check_range(self.NAME, self.probs_qmin, self.probs_qmax)
@@ -267,6 +279,10 @@ class QuantizedAttention(OpSchema):
     @property
     def quantizes_probs(self) -> bool:
         return self.probs_scheme != "none"
+
+    @property
+    def windowed(self) -> bool:
+        return self.window_widths is not None
 
     def empty_output(self) -> Tensor:
         return self.q.new_empty((*self.q.shape[:-1], self.v.shape[-1]))

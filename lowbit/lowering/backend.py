@@ -125,7 +125,7 @@ def _record(report: CompileReport) -> None:
         warnings.warn(report.summary() + "; torch._dynamo.explain(model)(*inputs) shows where and why", stacklevel=3)
     elif report.translation.fallbacks:
         warnings.warn(report.summary(), stacklevel=3)
-    elif not report.translation.lowered and not report.quantized_here:
+    elif not report.translation.found and not report.quantized_here:
         warnings.warn(f"lowbit backend: graph {report.compile_id} holds no quantized op, so it runs in full precision: "
                       f"compile a module made by lowbit.quantize, or pass options={{'recipe': ..., 'calibration': ...}}",
                       stacklevel=3)

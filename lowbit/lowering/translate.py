@@ -39,9 +39,10 @@ class Fallback:
 
 @dataclass
 class TranslationReport:
-    """What one graph became: kernels used per op, and the fallbacks with their reasons."""
+    """What one graph became: lowbit ops found, kernels used per op, and the fallbacks with their reasons."""
 
     target: str
+    found: Counter = field(default_factory=Counter)
     lowered: Counter = field(default_factory=Counter)
     fallbacks: list[Fallback] = field(default_factory=list)
 
@@ -75,6 +76,7 @@ def translate(gm: torch.fx.GraphModule, target: str, table: dict[object, Chooser
         if node.op != "call_function" or node.target not in REFERENCES:
             continue
         op = node.target._opname
+        report.found[op] += 1
         if node.target in table:
             fn, reason = table[node.target](node)
         else:

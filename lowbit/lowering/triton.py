@@ -148,8 +148,10 @@ def _attention(node: torch.fx.Node) -> tuple[Callable, str | None]:
     shape = q.meta.get("val", q.meta.get("example_value")).shape if isinstance(q, torch.fx.Node) else ()
     if op.probs_scheme != "log2":
         return attention_reference, None  # inductor fuses softmax + uniform quantizer + matmuls itself
-    if op.attn_mask is not None:
-        return attention_reference, "attention mask: the log2 kernel takes none"
+    if op.attn_mask is not None or op.windowed:
+        return attention_reference, "attention mask or windows: the log2 kernel takes none"
+    if op.shared_half >= 0:
+        return attention_reference, "CFG sharing: the log2 kernel computes every sample"
     if len(shape) != 4:
         return attention_reference, f"q of rank {len(shape)}: the log2 kernel takes (batch, heads, tokens, dim)"
     return _attention_kernel, None

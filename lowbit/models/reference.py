@@ -58,7 +58,9 @@ SAMPLER = dict(thresholding=True, sample_max_value=1.0)
 
 
 def build_reference_model() -> PixArtTransformer2DModel:
-    return PixArtTransformer2DModel(**CONFIG)
+    model = PixArtTransformer2DModel(**CONFIG)
+    model.cfg_layout = "unconditional_first"  # ``sample`` batches [empty prompt; prompt], as diffusers pipelines do
+    return model
 
 
 def load_reference_model(path: Path = WEIGHTS) -> PixArtTransformer2DModel:

@@ -25,7 +25,7 @@ from lowbit.ir.params import OperandParams
 from lowbit.ir.precision import Precision
 from lowbit.ir.statistics import ObservationStore
 
-__all__ = ["PASSES", "PHASES", "Pass", "PassContext", "PassError", "PassResult"]
+__all__ = ["PASSES", "PHASES", "Pass", "PassContext", "PassError", "PassResult", "measured"]
 
 Phase = Literal["rewrite", "observe", "decide", "convert"]
 PHASES: tuple[Phase, ...] = ("rewrite", "observe", "decide", "convert")
@@ -86,3 +86,13 @@ class Pass:
 
     def __repr__(self) -> str:
         return self.name
+
+
+def measured(ctx: PassContext, pass_name: str, layers: list[str], target) -> dict[str, dict]:
+    """Each layer's per-step statistics filed under ``target(layer)`` at calibration; a PassError names
+    the first layer with none."""
+    missing = [layer for layer in layers if target(layer) not in ctx.observations.stats]
+    if missing:
+        raise PassError(f"{pass_name}: nothing was measured for {missing[0]}: was it executed by the calibration "
+                        f"inputs, and did its observer pass run before calibration?")
+    return {layer: ctx.observations.stats[target(layer)] for layer in layers}

@@ -15,7 +15,7 @@ import torch.fx
 
 from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY
 from lowbit.ir.attention_schemes import ATTENTION_SCHEMES, AttentionSchemes, errors_target
-from lowbit.passes.base import Pass, PassContext, PassError, PassResult
+from lowbit.passes.base import Pass, PassContext, PassResult, measured
 
 __all__ = ["ChooseAttentionScheme"]
 
@@ -31,11 +31,7 @@ class ChooseAttentionScheme(Pass):
                      if QUANT_KEY in n.meta and n.meta[QUANT_KEY].probs is not None and n.meta[QUANT_KEY].probs.scheme == "auto"}
         if not undecided:
             return PassResult(gm, modified=False)
-        missing = [path for path in undecided if errors_target(path) not in ctx.observations.stats]
-        if missing:
-            raise PassError(f"{self.name}: nothing was measured for attention {missing[0]}: was it executed by the "
-                            f"calibration inputs, and did insert_observers run after annotate_quantization?")
-        schemes = AttentionSchemes.decide({path: ctx.observations.stats[errors_target(path)] for path in undecided})
+        schemes = AttentionSchemes.decide(measured(ctx, self.name, list(undecided), errors_target))
         for path, node in undecided.items():
             node.meta[QUANT_KEY] = schemes.apply(path, node.meta[QUANT_KEY])
         ctx.artifacts[ATTENTION_SCHEMES] = schemes

@@ -2,9 +2,10 @@
 
 Linear and convolution nodes become ``lowbit.quantized_linear`` / ``lowbit.quantized_conv2d``
 with integer weights; each canonical attention becomes ``lowbit.fake_quant`` on Q, K, V and one
-``lowbit.quantized_attention``. Per-step parameters are stored as tables and picked by a
-``lowbit.select_timestep`` node from the graph's step input; dynamic ones are computed from the
-tensor by ``lowbit.dynamic_params`` nodes. Observers are removed, and full
+``lowbit.quantized_attention`` (with its step's MDWA windows where ``choose_attention_windows``
+chose any, and its CFG half where ``choose_cfg_sharing`` shares it, quantized or not). Per-step
+parameters are stored as tables and picked by a ``lowbit.select_timestep`` node from the graph's
+step input; dynamic ones are computed from the tensor by ``lowbit.dynamic_params`` nodes. Observers are removed, and full
 precision weights that no node reads any more are dropped from the module. ``lowbit.load``
 runs this pass on a fresh capture with saved parameters, so it must only read ``ctx.params``.
 """
@@ -14,9 +15,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, LayerInfo, QuantSpec
+from lowbit.ir.annotations import LAYER_KEY, QUANT_KEY, LayerInfo, QuantAnnotation, QuantSpec
 from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.attention_schemes import ATTENTION_SCHEMES
+from lowbit.ir.attention_windows import ATTENTION_WINDOWS
+from lowbit.ir.cfg_sharing import CFG_SHARING
 from lowbit.ir.graph_edit import erase_unused
 from lowbit.ir.observers import remove_observers
 from lowbit.ir.params import PARAMS, OperandParams, target_name
@@ -102,9 +105,23 @@ def _convert_weighted(em: _Emitter, node: torch.fx.Node) -> torch.fx.Node:
     return QuantizedConv2d(**common, stride=stride, padding=padding, dilation=dilation, groups=groups).emit(em.gm.graph)
 
 
+def _windows(em: _Emitter, path: str) -> tuple[torch.fx.Node | None, torch.fx.Node | None]:
+    """The nodes giving ``path``'s MDWA windows at the graph's current step (None, None: no windows)."""
+    windows = em.ctx.artifacts.get(ATTENTION_WINDOWS)
+    tables = windows.tables(path) if windows is not None else None
+    if tables is None:
+        return None, None
+    if em.timestep is None:
+        raise PassError(f"{path} has attention windows per step but the graph has no '{em.ctx.step_arg}' input")
+    target = target_name(path, "windows")
+    steps = em.buffer(target, "timesteps", windows.steps)
+    return tuple(SelectTimestep(table=em.buffer(target, field, table), timesteps=steps, timestep=em.timestep).emit(em.gm.graph)
+                 for field, table in zip(("widths", "lengths"), tables))
+
+
 def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
     path = probs.meta[LAYER_KEY].path
-    annotation = probs.meta[QUANT_KEY]
+    annotation = probs.meta.get(QUANT_KEY, QuantAnnotation())  # a float attention that windows or sharing change
     schemes = em.ctx.artifacts.get(ATTENTION_SCHEMES)
     if schemes is not None and schemes.choice(path) is not None:
         annotation = schemes.apply(path, annotation)  # on load, the rewrite passes' annotation is still "auto"
@@ -128,8 +145,12 @@ def _convert_attention(em: _Emitter, probs: torch.fx.Node) -> torch.fx.Node:
     start = annotation.start_token if annotation.start_token is not None else -1
     dynamic = spec is not None and spec.mode == "dynamic"
     q, k, v = operands
+    widths, lengths = _windows(em, path)
+    sharing = em.ctx.artifacts.get(CFG_SHARING)
     op = QuantizedAttention(q=q, k=k, v=v, attn_mask=ops.mask, scale=ops.scale, probs_scale=ps, probs_zero_point=pz,
-                            probs_scheme=scheme, probs_qmin=qmin, probs_qmax=qmax, start_token=start, dynamic_scale=dynamic)
+                            probs_scheme=scheme, probs_qmin=qmin, probs_qmax=qmax, start_token=start, dynamic_scale=dynamic,
+                            window_widths=widths, window_lengths=lengths,
+                            shared_half=sharing.computed_half(path) if sharing is not None else -1)
     return op.emit(em.gm.graph), ops.output
 
 
@@ -150,8 +171,12 @@ class ConvertToQuantizedOps(Pass):
         graph = gm.graph
         em = _Emitter(gm, ctx)
         modified = remove_observers(gm) > 0
+        rewritten = {layer for name in (ATTENTION_WINDOWS, CFG_SHARING) if name in ctx.artifacts
+                     for layer in ctx.artifacts[name].layers}  # attention kept in floating point that MDWA or ASC changes
         for node in list(graph.nodes):
-            if QUANT_KEY not in node.meta or node.op != "call_function" or getattr(node.target, "namespace", None) == "lowbit":
+            if node.op != "call_function" or getattr(node.target, "namespace", None) == "lowbit":
+                continue
+            if QUANT_KEY not in node.meta and not (LAYER_KEY in node.meta and node.meta[LAYER_KEY].path in rewritten):
                 continue
             kind = node.meta[LAYER_KEY].kind
             with graph.inserting_before(node):

@@ -21,7 +21,7 @@ from lowbit.ir.attention import parse_canonical_attention
 from lowbit.ir.attention_schemes import errors_target
 from lowbit.ir.operands import activation_operands
 from lowbit.ir.params import target_name
-from lowbit.ir.observers import OBSERVERS, AttentionErrorObserver, Observer
+from lowbit.ir.observers import AttentionErrorObserver, Observer, attach_observer, step_input
 from lowbit.passes.base import Pass, PassContext, PassResult
 
 __all__ = ["InsertObservers"]
@@ -33,21 +33,15 @@ class InsertObservers(Pass):
     requires = ("annotate_quantization",)
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        graph = gm.graph
-        timestep = next((n for n in graph.nodes if n.op == "placeholder" and n.name == ctx.step_arg), None)
-        if not hasattr(gm, OBSERVERS):
-            gm.add_submodule(OBSERVERS, torch.nn.Module())
-        holder = getattr(gm, OBSERVERS)
+        step = step_input(gm, ctx.step_arg)
         count = 0
 
         def observe(observer: Observer, value: torch.fx.Node, consumer: torch.fx.Node, *companions: torch.fx.Node) -> None:
             nonlocal count
-            holder.add_module(f"obs{count}", observer)
-            with graph.inserting_before(consumer):  # after the operand and the timestep input
-                graph.call_module(f"{OBSERVERS}.obs{count}", (value, timestep, *companions))
+            attach_observer(gm, f"obs{count}", observer, (value, step, *companions), before=consumer)  # after the operand
             count += 1
 
-        for node in list(graph.nodes):
+        for node in list(gm.graph.nodes):
             annotation = node.meta.get(QUANT_KEY)
             if annotation is None:
                 continue

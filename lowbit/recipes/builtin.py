@@ -2,8 +2,12 @@
 
 ``<method>-w<W>a<A>`` is ``builtin/<method>.toml`` at W-bit weights and A-bit activations (any
 bit-widths in [2, 16]); ``-g<K>`` sets ``group_activations.groups`` for methods that group, and
-``-qkv<B>`` the attention's Q, K and V bits (LiteVAR's third column), and ``-auto`` lets calibration
-choose each attention layer's probability quantizer (``choose_attention_scheme``).
+``-qkv<B>`` the attention's Q, K and V bits (LiteVAR's third column), ``-mdwa<R0>`` adds LiteVAR's
+multi-diagonal attention windows at ratio R0 (``choose_attention_windows``), ``-asc`` its attention
+sharing across CFG in every layer (``-asc<δ>``: where the halves differ by at most δ, relative L1;
+``choose_cfg_sharing``), and ``-auto`` lets calibration choose each attention layer's probability
+quantizer (``choose_attention_scheme``). ``mdwa-<R0>``, ``asc``, ``asc-<δ>`` and ``mdwa-<R0>-asc``
+are those attention savings alone, every layer in floating point.
 ``lowbit recipes --show NAME`` prints the resolved recipe, so a user reads exactly what it runs.
 """
 
@@ -15,12 +19,14 @@ import re
 from functools import cache
 from pathlib import Path
 
-from lowbit.recipes.recipe import Recipe, RecipeError
+from lowbit.ir.precision import LayerOverride, Precision
+from lowbit.recipes.recipe import STANDARD_PASSES, Recipe, RecipeError
 
-__all__ = ["LITEVAR_ROWS", "get_recipe", "litevar_name", "recipes"]
+__all__ = ["LITEVAR_ROWS", "MDWA_RATIOS", "get_recipe", "litevar_name", "recipes"]
 
 BUILTIN = Path(__file__).parent / "builtin"
-_NAME = re.compile(r"(?P<method>[a-z0-9]+(?:-[a-z]+)*)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?(?:-qkv(?P<qkv>\d+(?:\.\d+)?))?(?P<auto>-auto)?")
+_NAME = re.compile(r"(?P<method>[a-z0-9]+(?:-[a-z]+)*)-w(?P<w>\d+(?:\.\d+)?)a(?P<a>\d+(?:\.\d+)?)(?:-g(?P<g>\d+))?(?:-qkv(?P<qkv>\d+(?:\.\d+)?))?(?:-mdwa(?P<mdwa>\d+(?:\.\d+)?))?(?P<asc>-asc(?P<asc_threshold>\d+(?:\.\d+)?)?)?(?P<auto>-auto)?")
+_ATTENTION_ONLY = re.compile(r"mdwa-(?P<mdwa>\d+(?:\.\d+)?)(?P<asc>-asc(?:-(?P<asc_threshold>\d+(?:\.\d+)?))?)?|(?P<asc_only>asc)(?:-(?P<asc_only_threshold>\d+(?:\.\d+)?))?")
 # the names listed by lowbit.recipes(): the bit-widths the project's tables use
 _LISTED = {"minmax": ((4, 6, 8, 16), (4, 6, 8, 16)), "mse": ((4, 6, 8, 16), (4, 6, 8, 16)),
            "adaround": ((4, 6, 8, 16), (4, 6, 8, 16)), "dgq": ((4, 8), (6, 8)),
@@ -28,6 +34,7 @@ _LISTED = {"minmax": ((4, 6, 8, 16), (4, 6, 8, 16)), "mse": ((4, 6, 8, 16), (4, 
 # LiteVAR Tables 2 and 4: W/A/QKV
 LITEVAR_ROWS = ((16, 16, 16), (8, 8, 16), (8, 8, 8), (4, 8, 8), (6, 6, 8), (4, 6, 8), (4, 4, 8))
 _LISTED_GROUPS = (1, 2, 4, 8, 16)
+MDWA_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.7, 0.6)  # LiteVAR Table 1's R0
 
 
 @cache
@@ -39,11 +46,37 @@ def _methods() -> list[str]:
     return sorted(p.stem for p in BUILTIN.glob("*.toml"))
 
 
+def _with_attention(recipe: Recipe, ratio: str | None, share: bool, threshold: str | None) -> Recipe:
+    """``recipe`` with MDWA at R0 = ``ratio`` (None: no windows) and ASC (``share``; ``threshold``: the
+    relative L1 difference under which a layer shares, None: every layer as LiteVAR)."""
+    if ratio is not None:
+        if not 0.0 < float(ratio) <= 1.0:
+            raise RecipeError(f"unknown recipe {recipe.name!r}: the MDWA ratio R0 must be in (0, 1], got {ratio}")
+        recipe = recipe.with_pass("insert_window_observers").with_pass("choose_attention_windows", ratio=float(ratio))
+    if share:
+        settings = {} if threshold is None else {"threshold": float(threshold)}
+        recipe = recipe.with_pass("insert_cfg_observers").with_pass("choose_cfg_sharing", **settings)
+    return recipe
+
+
+def _attention_only(name: str, match: re.Match) -> Recipe:
+    """LiteVAR's MDWA and/or ASC with nothing quantized: every layer kept in floating point."""
+    precision = Precision(weight_bits=16, activation_bits=16, layers=(LayerOverride("*", keep_float=True),))
+    recipe = Recipe(name, precision, STANDARD_PASSES[:2] + STANDARD_PASSES[-1:],
+                    description="LiteVAR's attention savings (MDWA windows, ASC CFG sharing), no quantization")
+    return _with_attention(recipe, match["mdwa"], bool(match["asc"] or match["asc_only"]),
+                           match["asc_threshold"] or match["asc_only_threshold"])
+
+
 def _instantiate(name: str) -> Recipe:
+    attention_only = _ATTENTION_ONLY.fullmatch(name)
+    if attention_only is not None:
+        return _attention_only(name, attention_only)
     match = _NAME.fullmatch(name)
     if match is None or match["method"] not in _methods():
         raise RecipeError(f"unknown recipe {name!r}; built-in recipes are <method>-w<W>a<A> with method one of "
-                          f"{', '.join(_methods())} (e.g. minmax-w8a8, dgq-w4a6-g16; see lowbit.recipes()), "
+                          f"{', '.join(_methods())} (e.g. minmax-w8a8, dgq-w4a6-g16, litevar-w4a8-mdwa0.95; see lowbit.recipes()), "
+                          f"mdwa-<R0>, asc or mdwa-<R0>-asc for LiteVAR's attention savings alone, "
                           f"or give the path of a .toml recipe file")
     base = _method(match["method"])
     bits = {"weight_bits": float(match["w"]), "activation_bits": float(match["a"])}
@@ -55,6 +88,7 @@ def _instantiate(name: str) -> Recipe:
             raise RecipeError(f"unknown recipe {name!r}: -g<K> sets the groups of group_activations, which "
                               f"{match['method']} does not run")
         recipe = recipe.with_settings("group_activations", groups=int(match["g"]))
+    recipe = _with_attention(recipe, match["mdwa"], bool(match["asc"]), match["asc_threshold"])
     if match["auto"]:
         if not recipe.precision.quantize_probs:
             raise RecipeError(f"unknown recipe {name!r}: -auto chooses the attention probabilities' quantizer, which "
@@ -73,7 +107,8 @@ def recipes() -> list[str]:
                 names.append(f"{method}-w{w}a{a}")
                 if method == "dgq":
                     names += [f"{method}-w{w}a{a}-g{k}" for k in _LISTED_GROUPS] + [f"{method}-w{w}a{a}-auto"]
-    return sorted(names + [litevar_name(*row) for row in LITEVAR_ROWS])
+    return sorted(names + [litevar_name(*row) for row in LITEVAR_ROWS] + [f"mdwa-{r:g}" for r in MDWA_RATIOS]
+                  + ["asc", "mdwa-0.95-asc"])
 
 
 def litevar_name(w: int, a: int, qkv: int) -> str:

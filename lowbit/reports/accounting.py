@@ -20,11 +20,14 @@ import torch.fx
 from torch.utils import _pytree as pytree
 
 from lowbit.ir.annotations import QUANT_KEY
+from lowbit.ir.artifacts import Artifact
+from lowbit.ir.attention_windows import ATTENTION_WINDOWS
+from lowbit.ir.cfg_sharing import CFG_SHARING
 from lowbit.ir.capture import capture, normalize_inputs
 from lowbit.ir.schema import QuantizedAttention, QuantizedConv2d, QuantizedLinear, schema_class
 from lowbit.core.quantized_model import QuantizedModel
 
-__all__ = ["Cost", "cost", "costs"]
+__all__ = ["Cost", "attention_saved", "cost", "costs"]
 
 aten = torch.ops.aten
 FP_BITS = 32.0
@@ -68,8 +71,9 @@ class _Counter(torch.fx.Interpreter):
             return out
         elif isinstance(op, QuantizedAttention) or n.target == aten.scaled_dot_product_attention.default:
             q, k, v = (op.q, op.k, op.v) if op is not None else args[:3]  # sdpa(query, key, value, ...)
-            scores = 2.0 * q.numel() * k.shape[-2]
-            mix = 2.0 * out.numel() * v.shape[-2]
+            computed = 0.5 if op is not None and op.shared_half >= 0 else 1.0  # ASC: one half of the CFG batch
+            scores = computed * 2.0 * q.numel() * k.shape[-2]
+            mix = computed * 2.0 * out.numel() * v.shape[-2]
             if annotation is None:
                 self._add(scores + mix, FP_BITS, FP_BITS)
             else:
@@ -138,3 +142,23 @@ def costs(model: torch.nn.Module, calls: Iterable[tuple[tuple, dict]], *, step_a
             by_shape[key] = cost(model, args, kwargs, step_arg=step_arg)
         out.append(by_shape[key])
     return out
+
+
+def attention_saved(artifacts: dict[str, Artifact], block: int | None = None) -> float | None:
+    """The fraction of one image's attention work (score entries, QKᵀ and PV alike) that MDWA's windows
+    and ASC's sharing skip together: per layer and step, the entries the windows keep (every entry of a
+    ``block`` x ``block`` tile holding one, if given), halved where the layer shares across CFG.
+    None when the model has neither."""
+    windows, sharing = artifacts.get(ATTENTION_WINDOWS), artifacts.get(CFG_SHARING)
+    if windows is None and sharing is None:
+        return None
+    if windows is not None:
+        kept, total = windows.entries(block)
+    else:
+        total = sharing.entries.double()
+        kept = total.clone()
+    if sharing is not None:
+        if windows is not None and (windows.layers != sharing.layers or not torch.equal(windows.steps, sharing.steps)):
+            raise ValueError("the windows and the CFG sharing were calibrated on different layers or steps")
+        kept = kept * torch.where(sharing.shared, 0.5, 1.0).double()[:, None]
+    return float(1.0 - kept.sum() / total.sum().clamp_min(1.0))

@@ -23,6 +23,7 @@ import math
 from contextlib import contextmanager
 from typing import Any
 
+import pytest
 import torch
 import torch.fx
 import torch.nn.functional as F
@@ -36,11 +37,11 @@ from lowbit.ir.capture import capture
 from lowbit.ir.fake_quantizers import OperandFakeQuantizer, WeightFakeQuantizer
 from lowbit.ir.graph_edit import fetch_attr
 from lowbit.ir.attention_statistics import CANDIDATES
-from lowbit.ir.observers import AttentionErrorObserver, Observer, observing
+from lowbit.ir.observers import AttentionMassObserver, CFGDifferenceObserver, AttentionErrorObserver, Observer, observing
 from lowbit.ir.params import OperandParams
 from lowbit.ir.precision import LayerOverride, Precision
 from lowbit.ir.schema import FakeQuant, OpSchema, QuantizedAttention, QuantizedLinear, SelectTimestep
-from lowbit.passes import PASSES, PassContext, Pipeline, create
+from lowbit.passes import PASSES, PassContext, PassError, Pipeline, create
 from lowbit.passes.pipeline import HISTORY_KEY, PassRecord
 
 aten = torch.ops.aten
@@ -255,12 +256,13 @@ def _model(cls) -> nn.Module:
 
 def prepared(cls, inputs, passes: list[tuple[str, dict]], precision: Precision | None = None, calibrate: bool = False):
     """(model, graph, context) with ``passes`` run; ``calibrate`` runs each STEPS input inside
-    ``observing`` after the observe phase (the passes up to insert_observers)."""
+    ``observing`` after the observe phase (the passes up to the last observer insertion)."""
     model = _model(cls)
     ctx = PassContext(precision=precision or Precision(weight_bits=8, activation_bits=8, keep_io_layers=False))
     gm = capture(model, (), inputs(STEPS[0], 0))
     names = [n for n, _ in passes]
-    split = names.index("insert_observers") + 1 if calibrate else len(passes)
+    observe = ("insert_observers", "insert_window_observers", "insert_cfg_observers")
+    split = max(i for i, n in enumerate(names) if n in observe) + 1 if calibrate else len(passes)
     gm = Pipeline([create(n, s) for n, s in passes[:split]]).run(gm, ctx)
     if calibrate:
         with observing(gm, ctx.observations), torch.no_grad():
@@ -302,13 +304,16 @@ CROSS_LINEARS = ("attn.to_q", "attn.to_k", "attn.to_v")
 
 
 def expected_cross(model: CrossModel, quant: dict | None = None, observed: bool = False,
-                   outliers: dict | None = None, candidates: int | None = None) -> torch.fx.GraphModule:
+                   outliers: dict | None = None, candidates: int | None = None, windows: bool = False,
+                   cfg: bool = False) -> torch.fx.GraphModule:
     """The cross-attention graph in canonical form: linear q, k, v; kᵀ, q·kᵀ, ·scale, softmax, ·v.
     ``quant`` and ``outliers`` map a layer path to its annotation; ``observed`` adds an observer
     before each linear on its input and, before the output matmul, on q, k, v and the probabilities
     (in that order, none on dynamic ones), each taking (value, timestep); ``candidates`` (the
     probabilities' levels) adds, before the probabilities' own, the observer of the candidate
-    quantizers' errors, taking (probs, timestep, v)."""
+    quantizers' errors, taking (probs, timestep, v); ``windows`` the observer of the probabilities' mass
+    along the diagonals right after the softmax, taking (probs, timestep); ``cfg`` the observer of the CFG
+    halves' difference right after the output, taking (output, timestep, probs)."""
     quant, outliers = quant or {}, outliers or {}
     e = ExpectedGraph()
     params = {p: (e.attr(f"{p}.weight", fetch_attr(model, f"{p}.weight")), e.attr(f"{p}.bias", fetch_attr(model, f"{p}.bias")))
@@ -337,6 +342,9 @@ def expected_cross(model: CrossModel, quant: dict | None = None, observed: bool 
         scaled = e.call(aten.mul.Tensor, scores, SCALE)
         probs = e.call(aten.softmax.int, scaled, -1, layer=LayerInfo("attn", "attention"), attention=CROSS_INFO,
                        quant=quant.get("attn"), outliers=outliers.get("attn"))
+    if windows:
+        with e.created_by("insert_window_observers"):
+            e.module("lowbit_observers.window0", AttentionMassObserver("attn:window_mass", probs.name, None), probs, t)
     if quant.get("attn") is not None:
         for operand, value in (("query", q), ("key", k), ("value", v), ("probs", probs)):
             if operand == "probs" and candidates is not None:
@@ -349,6 +357,9 @@ def expected_cross(model: CrossModel, quant: dict | None = None, observed: bool 
                 observe(value, f"attn:{operand}")
     with e.created_by("canonicalize_attention"):
         out = e.call(aten.matmul.default, probs, v)
+    if cfg:
+        with e.created_by("insert_cfg_observers"):
+            e.module("lowbit_observers.cfg0", CFGDifferenceObserver("attn:cfg_difference", out.name), out, t, probs)
     return e.output(out)
 
 
@@ -527,6 +538,84 @@ def test_choose_attention_scheme():
     assert schemes.layers == ("attn",) and schemes.steps.tolist() == sorted(STEPS)
     torch.testing.assert_close(schemes.errors[0], expected_errors, rtol=1e-5, atol=1e-12)
     assert schemes.apply("attn", auto) == decided
+
+
+@structural("insert_window_observers")
+def test_insert_window_observers():
+    """Every attention gets a mass observer after its softmax, quantized or not; calibration files the
+    probabilities' mass per distance bucket |i·n_keys − j·n_queries| // n_queries of one key part."""
+    model, gm, ctx = prepared(CrossModel, cross_inputs, CANONICAL)
+    gm, record, _ = run_pass(gm, ctx, "insert_window_observers")
+    assert_same_structure(gm, expected_cross(model, windows=True))
+    assert record.modified and len(record.added) == 1 and not (record.removed or record.annotated or record.context)
+    inputs = cross_inputs(900.0, 3)
+    with observing(gm, ctx.observations), torch.no_grad():
+        torch.testing.assert_close(gm(**inputs), model(**inputs), rtol=1e-5, atol=1e-6)
+    probs = cross_operands(model, inputs)["attn:probs"].double().sum(0)  # (batch,) 5 queries x 3 keys, no head axis
+    expected = torch.zeros(4, dtype=torch.float64)  # buckets 0..3 (the longest part + 1)
+    for i in range(5):
+        for j in range(3):
+            expected[abs(i * 3 - j * 5) // 5] += probs[i, j]
+    mass = ctx.observations.stats["attn:window_mass"][900.0]
+    assert mass.lengths == (3,) and mass.queries == 5 and mass.rows == 10
+    torch.testing.assert_close(mass.mass[0, 0], expected)
+
+
+@structural("choose_attention_windows")
+def test_choose_attention_windows():
+    """The narrowest band (bucket < w) holding R0 of the part's mass over both steps, found by hand."""
+    model, gm, ctx = prepared(CrossModel, cross_inputs, CANONICAL + [("insert_window_observers", {})], calibrate=True)
+    gm, record, _ = run_pass(gm, ctx, "choose_attention_windows", {"ratio": 0.6, "full_parts": 0})
+    assert_same_structure(gm, expected_cross(model, windows=True))
+    assert record.modified and record.context == ("artifact:attention_windows",)
+    assert not (record.added or record.removed or record.annotated or record.rewired)
+    windows = ctx.artifacts["attention_windows"]
+    assert windows.layers == ("attn",) and windows.steps.tolist() == sorted(STEPS)
+    for s, t in enumerate(sorted(STEPS)):
+        probs = cross_operands(model, cross_inputs(t, STEPS.index(t)))["attn:probs"].double().sum(0)
+        buckets = torch.tensor([[abs(i * 3 - j * 5) // 5 for j in range(3)] for i in range(5)])
+        share = [float(probs[buckets < w].sum() / probs.sum()) for w in range(1, 4)]
+        width = next(w for w, r in zip(range(1, 4), share) if r >= 0.6)
+        expected = -1 if width > int(buckets.max()) else width  # a band as wide as the part keeps it whole
+        assert windows.widths[0, s].tolist() == [[expected]], (t, share)
+        assert windows.lengths[0, s].tolist() == [3] and int(windows.queries[0, s]) == 5
+
+
+@structural("insert_cfg_observers")
+def test_insert_cfg_observers():
+    """Every attention's output gets an observer of its CFG halves' L1 difference, quantized or not."""
+    model, gm, ctx = prepared(CrossModel, cross_inputs, CANONICAL)
+    gm, record, _ = run_pass(gm, ctx, "insert_cfg_observers")
+    assert_same_structure(gm, expected_cross(model, cfg=True))
+    assert record.modified and len(record.added) == 1 and not (record.removed or record.annotated or record.context)
+    inputs = cross_inputs(900.0, 3)
+    with observing(gm, ctx.observations), torch.no_grad():
+        out = gm(**inputs)
+        torch.testing.assert_close(out, model(**inputs), rtol=1e-5, atol=1e-6)
+    first, second = out.double().chunk(2)  # a batch of 2: one sample per half
+    d = ctx.observations.stats["attn:cfg_difference"][900.0]
+    assert d.entries == 5 * 3  # one sample's map: 5 queries x 3 keys
+    torch.testing.assert_close(torch.tensor([d.difference, d.first, d.second], dtype=torch.float64),
+                               torch.stack([(first - second).abs().sum(), first.abs().sum(), second.abs().sum()]))
+
+
+@structural("choose_cfg_sharing")
+def test_choose_cfg_sharing():
+    """The layer shares when Σ|cond − uncond| / Σ|uncond| over both steps is at most the threshold;
+    with the unconditional half first (diffusers' layout), the second half is the one computed."""
+    model, gm, ctx = prepared(CrossModel, cross_inputs, CANONICAL + [("insert_cfg_observers", {})], calibrate=True)
+    halves = [model(**cross_inputs(t, i)).detach().double().chunk(2) for i, t in enumerate(STEPS)]
+    relative = sum(float((c - u).abs().sum()) for u, c in halves) / sum(float(u.abs().sum()) for u, _ in halves)
+    for threshold, shared in ((relative * 1.01, True), (relative * 0.99, False)):
+        _, record, _ = run_pass(gm, ctx, "choose_cfg_sharing", {"threshold": threshold, "layout": "unconditional_first"})
+        assert record.modified and record.context == ("artifact:cfg_sharing",)
+        assert not (record.added or record.removed or record.annotated or record.rewired)
+        sharing = ctx.artifacts["cfg_sharing"]
+        assert sharing.layers == ("attn",) and bool(sharing.shared[0]) is shared
+        assert sharing.computed_half("attn") == (1 if shared else -1)
+    assert_same_structure(gm, expected_cross(model, cfg=True))
+    with pytest.raises(PassError, match="cfg_layout"):
+        run_pass(gm, ctx, "choose_cfg_sharing")  # CrossModel says nothing about its CFG layout
 
 
 def quantize_probs_by_hand(p: torch.Tensor, scheme: str, split: bool) -> torch.Tensor:

@@ -6,20 +6,25 @@
   integer weight behind a DequantizeLinear (layers.py).
 - ``quantized_attention``: decomposed into MatMul, Mul (the softmax scale), the mask (a boolean
   or 0/-10000 mask as Where(keep, scores, -``MASK_FLOOR``); another additive mask as an Add of it
-  clipped at -``MASK_FLOOR``), Softmax (LogSoftmax for the log2 quantizer) and the probability
+  clipped at -``MASK_FLOOR``), MDWA's windows as one more Where on a constant mask (the windows of
+  the graph's step, folded at specialization), Softmax (LogSoftmax for the log2 quantizer) and the probability
   quantizer (uniform, log2, dynamic scale, start-token column: quantizers.attention_probs), and
   MatMul with V — the ONNX
-  Attention op falls back to the CPU.
+  Attention op falls back to the CPU. With ASC, the computed half of the batch is sliced out first and
+  the output concatenated onto itself.
 - ``select_timestep``: never emitted; a specialized graph folds it to its constant row.
 """
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from lowbit.ir.annotations import QUANT_KEY
+from lowbit.ir.attention_window_statistics import window_keep
 from lowbit.ir.schema import FakeQuant, Log2FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear
 from lowbit.lowering.onnx_qnn import layers, quantizers
+from lowbit.lowering.onnx_qnn.errors import LoweringError
 from lowbit.lowering.onnx_qnn.specialize import layer_of
 
 __all__ = ["LOWBIT_TRANSLATIONS"]
@@ -74,32 +79,59 @@ def _quantized_conv2d(em, node, op):
                        op.groups, em.hint(op.weight))
 
 
+def _batch_half(em, arg, batch: int, half: int) -> tuple[str, torch.Tensor]:
+    """(ONNX name, fx value) of half ``half`` of a CFG batch for ``arg``: a Slice of a runtime tensor, the
+    sliced constant otherwise; ``arg`` itself where its leading dimension is not the batch (it broadcasts)."""
+    value = em.value(arg)
+    if value.dim() == 0 or value.shape[0] != batch:
+        return em.tensor(arg), value
+    n = batch // 2
+    if not em.spec.is_runtime(arg):
+        return em.tensor(value[half * n : (half + 1) * n]), value[half * n : (half + 1) * n]
+    bounds = [em.graph.constant(np.asarray([v], dtype=np.int64), "slice") for v in (half * n, (half + 1) * n, 0)]
+    return em.graph.node("Slice", [em.tensor(arg), *bounds]), value[:n]
+
+
+def _masked(em, scores: str, mask: str, values: torch.Tensor, runtime: bool) -> str:
+    if values.dtype == torch.bool:
+        return em.graph.node("Where", [mask, scores, em.tensor(-MASK_FLOOR)])
+    if bool(torch.all((values == 0) | (values <= BINARY_MASK))):
+        # diffusers' padding mask, 0 or -10000: a select, not an add. On the HTP a 16-bit Add of
+        # -10000 onto scores of a few units loses the scores (measured: 46% error in the probabilities)
+        keep = em.graph.node("Greater", [mask, em.tensor(-1.0)])
+        return em.graph.node("Where", [keep, scores, em.tensor(-MASK_FLOOR)])
+    bias = em.graph.node("Clip", [mask, em.tensor(-MASK_FLOOR), ""]) if runtime else em.tensor(values.clamp_min(-MASK_FLOOR))
+    return em.graph.node("Add", [scores, bias])
+
+
 def _quantized_attention(em, node, op):
-    q, k, v = em.tensor(op.q), em.tensor(op.k), em.tensor(op.v)
-    rank = em.value(op.k).dim()
+    operands = [op.q, op.k, op.v] + ([op.attn_mask] if op.attn_mask is not None else [])
+    if op.shared_half >= 0:  # ASC: the computed half only, its output given to both halves
+        halves = [_batch_half(em, x, em.value(op.q).shape[0], op.shared_half) for x in operands]
+    else:
+        halves = [(em.tensor(x), em.value(x)) for x in operands]
+    (q, _), (k, k_value), (v, _) = halves[:3]
+    rank = k_value.dim()
     perm = list(range(rank))
     perm[-2], perm[-1] = perm[-1], perm[-2]
     scores = em.graph.node("MatMul", [q, em.graph.node("Transpose", [k], perm=perm)])
     scores = em.graph.node("Mul", [scores, em.tensor(float(op.scale))])
-    mask = op.attn_mask
-    if mask is not None:
-        values = em.value(mask)
-        if values.dtype == torch.bool:
-            scores = em.graph.node("Where", [em.tensor(mask), scores, em.tensor(-MASK_FLOOR)])
-        elif bool(torch.all((values == 0) | (values <= BINARY_MASK))):
-            # diffusers' padding mask, 0 or -10000: a select, not an add. On the HTP a 16-bit Add of
-            # -10000 onto scores of a few units loses the scores (measured: 46% error in the probabilities)
-            keep = em.graph.node("Greater", [em.tensor(mask), em.tensor(-1.0)])
-            scores = em.graph.node("Where", [keep, scores, em.tensor(-MASK_FLOOR)])
-        else:
-            bias = em.graph.node("Clip", [em.tensor(mask), em.tensor(-MASK_FLOOR), ""]) if em.spec.is_runtime(mask) \
-                else em.tensor(values.clamp_min(-MASK_FLOOR))
-            scores = em.graph.node("Add", [scores, bias])
+    if op.attn_mask is not None:
+        mask, values = halves[3]
+        scores = _masked(em, scores, mask, values, em.spec.is_runtime(op.attn_mask))
+    if op.windowed:
+        if em.spec.is_runtime(op.window_widths) or em.spec.is_runtime(op.window_lengths):
+            raise LoweringError(node.name, str(node.target), layer_of(node), "its attention windows depend on a runtime input",
+                                "Export one graph per step (export_schedule): each step's windows are then constants")
+        keep = window_keep(em.value(op.q).shape[-2], k_value.shape[-2], em.value(op.window_widths),
+                           em.value(op.window_lengths))
+        scores = em.graph.node("Where", [em.tensor(keep), scores, em.tensor(-MASK_FLOOR)])
     probs = quantizers.attention_probs(
-        em, scores, em.value(op.k).shape[-2], em.value(op.probs_scale) if op.probs_scale is not None else None,
+        em, scores, k_value.shape[-2], em.value(op.probs_scale) if op.probs_scale is not None else None,
         em.value(op.probs_zero_point) if op.probs_zero_point is not None else None,
         op.probs_scheme, op.probs_qmin, op.probs_qmax, op.start_token, op.dynamic_scale, f"{layer_of(node)}:probs")
-    return em.graph.node("MatMul", [probs, v])
+    out = em.graph.node("MatMul", [probs, v])
+    return em.graph.node("Concat", [out, out], axis=0) if op.shared_half >= 0 else out
 
 
 # each translation receives the node's op schema (lowbit.ir.schema) and reads its fields by name

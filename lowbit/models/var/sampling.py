@@ -49,7 +49,11 @@ class VARStep(nn.Module):
     ``dynamic_dims`` tells lowbit's capture so (one graph for every scale). It shares the VAR's
     ``blocks``, ``head_nm`` and ``head``, under the same names, so layer paths read as VAR's own
     (``blocks.3.ffn.fc2``); ``config`` is the VAR's, which a saved quantized model is checked against.
+    ``step_tokens`` (s_k² per scale) tells lowbit how the cached keys divide into scales (MDWA's parts),
+    ``cfg_layout`` that a CFG batch is [class; null] (ASC's conditional half).
     """
+
+    cfg_layout = "conditional_first"
 
     dynamic_dims = {"hidden": (1,), "past_keys": (2,), "past_values": (2,)}
 
@@ -57,6 +61,7 @@ class VARStep(nn.Module):
         super().__init__()
         self.blocks, self.head_nm, self.head = var.blocks, var.head_nm, var.head
         self.config = var.config.to_dict()
+        self.step_tokens = tuple(p * p for p in var.config.patch_nums)
 
     def forward(self, hidden: torch.Tensor, cond: torch.Tensor, scale: torch.Tensor,
                 past_keys: tuple[torch.Tensor, ...], past_values: tuple[torch.Tensor, ...]):

@@ -1,0 +1,148 @@
+"""LiteVAR's multi-diagonal window attention (MDWA, §2): the windows calibration chose, per layer,
+step, head and key part.
+
+For every attention layer, step and head, each part of the key axis (one per earlier scale of a VAR
+step, see ``lowbit.ir.attention_window_statistics``) gets the narrowest band width w ≥ 1 whose band
+holds at least a ratio R0 of the part's attention mass over the calibration samples (R_w ≥ R0).
+The first ``full_parts`` parts stay whole (LiteVAR keeps scales 1-3: attention sinks sit there,
+and they cost little); R0 = 1 keeps every entry. A width of -1 keeps a whole part; so does any
+band as wide as its part. The windows are an artifact, saved with the model;
+``convert_to_quantized_ops`` gives each attention op its step's row, and every target realises
+the same mask (``window_keep``): -inf before the softmax in the eager reference and on the HTP,
+skipped blocks in FlexAttention.
+
+What is saved is counted two ways, as the fraction of attention score entries (QKᵀ and PV work
+alike) never needed: from the element mask (what LiteVAR reports) and from the block mask a
+block-sparse kernel with a given tile really skips.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from lowbit.ir.artifacts import Artifact
+from lowbit.ir.attention_window_statistics import WindowMass, window_buckets, window_keep
+
+__all__ = ["ATTENTION_WINDOWS", "WINDOW_BLOCK", "AttentionWindows", "mass_target"]
+
+ATTENTION_WINDOWS = "attention_windows"  # the artifact's name in the pass context
+WINDOW_BLOCK = 16  # the tile (queries x keys) of the CPU block-sparse lowering: small maps, small tiles
+
+
+def mass_target(layer: str) -> str:
+    """Where calibration files a layer's WindowMass in the ObservationStore."""
+    return f"{layer}:window_mass"
+
+
+def _width(mass: Tensor, ratio: float, widest: int) -> int:
+    """The narrowest w >= 1 whose buckets below w hold ``ratio`` of ``mass`` (D,); -1 when that band
+    spans the whole part (``widest`` is its largest bucket)."""
+    if ratio >= 1.0:
+        return -1
+    cumulative = torch.cumsum(mass, 0)
+    w = max(1, int((cumulative < ratio * float(mass.sum())).sum()) + 1)
+    return -1 if w > widest else w
+
+
+@dataclass(frozen=True)
+class AttentionWindows(Artifact):
+    """``widths[l, s, h, p]``: the band width of layer l's head h in key part p at step s (-1: whole);
+    ``lengths[l, s]`` the parts' lengths (zero-padded), ``queries[l, s]`` the query count (0: the
+    layer was not called at that step)."""
+
+    KIND = "attention_windows"
+
+    layers: tuple[str, ...]
+    ratio: float
+    full_parts: int
+    steps: Tensor
+    queries: Tensor
+    lengths: Tensor
+    widths: Tensor
+
+    def __post_init__(self) -> None:
+        layers, steps = len(self.layers), self.steps.numel()
+        if (tuple(self.queries.shape) != (layers, steps) or tuple(self.lengths.shape[:2]) != (layers, steps)
+                or tuple(self.widths.shape[:2]) != (layers, steps) or self.widths.shape[-1] != self.lengths.shape[-1]):
+            raise ValueError(f"attention windows for {layers} layers and {steps} steps do not fit queries "
+                             f"{tuple(self.queries.shape)}, lengths {tuple(self.lengths.shape)}, widths {tuple(self.widths.shape)}")
+        if not 0.0 < self.ratio <= 1.0:
+            raise ValueError(f"the window ratio R0 must be in (0, 1], got {self.ratio}")
+
+    @classmethod
+    def decide(cls, measured: dict[str, dict[float, WindowMass]], ratio: float, full_parts: int) -> AttentionWindows:
+        """Each layer's, step's, head's and part's narrowest band holding ``ratio`` of the part's mass."""
+        layers = sorted(measured)
+        steps = sorted({t for per_step in measured.values() for t in per_step})
+        stats = [[measured[layer].get(t) for t in steps] for layer in layers]
+        present = [m for row in stats for m in row if m is not None]
+        parts = max((len(m.lengths) for m in present), default=1)
+        heads = max((m.mass.shape[0] for m in present), default=1)
+        queries = torch.zeros(len(layers), len(steps), dtype=torch.int64)
+        lengths = torch.zeros(len(layers), len(steps), parts, dtype=torch.int64)
+        widths = torch.full((len(layers), len(steps), heads, parts), -1, dtype=torch.int64)
+        for l, row in enumerate(stats):
+            for s, m in enumerate(row):
+                if m is None:
+                    continue
+                nq = m.queries
+                queries[l, s], lengths[l, s, : len(m.lengths)] = nq, torch.tensor(m.lengths)
+                part, bucket = window_buckets(nq, sum(m.lengths), torch.tensor(m.lengths))
+                for p in range(full_parts, len(m.lengths)):
+                    widest = int(bucket[:, part == p].max())
+                    for h in range(m.mass.shape[0]):
+                        widths[l, s, h, p] = _width(m.mass[h, p], ratio, widest)
+        return cls(tuple(layers), float(ratio), int(full_parts), torch.tensor(steps, dtype=torch.float64), queries, lengths, widths)
+
+    def tables(self, layer: str) -> tuple[Tensor, Tensor] | None:
+        """(widths (steps, heads, parts), lengths (steps, parts)) of ``layer``; None if it has no windows."""
+        if layer not in self.layers:
+            return None
+        i = self.layers.index(layer)
+        return self.widths[i], self.lengths[i]
+
+    def keep(self, layer: int, step: int) -> Tensor:
+        """The (heads, queries, keys) mask of one layer at one step."""
+        lengths = self.lengths[layer, step]
+        return window_keep(int(self.queries[layer, step]), int(lengths.sum()), self.widths[layer, step], lengths)
+
+    def entries(self, block: int | None = None) -> tuple[Tensor, Tensor]:
+        """(kept, total) attention score entries of one sample per layer and step (layers, steps), heads
+        summed: from the element mask (``block`` None) or counting every entry of each ``block`` x
+        ``block`` tile that holds a kept one (what a block-sparse kernel computes)."""
+        kept = torch.zeros(len(self.layers), self.steps.numel(), dtype=torch.float64)
+        total = torch.zeros_like(kept)
+        for l in range(len(self.layers)):
+            for s in range(self.steps.numel()):
+                if int(self.queries[l, s]) == 0:
+                    continue
+                keep = self.keep(l, s)
+                total[l, s] = keep.numel()
+                kept[l, s] = int(keep.sum()) if block is None else _block_entries(keep, block)
+        return kept, total
+
+    def saved(self, block: int | None = None) -> Tensor:
+        """(steps,) the fraction of attention score entries skipped at each step over every layer and head."""
+        kept, total = self.entries(block)
+        return 1.0 - kept.sum(0) / total.sum(0).clamp_min(1.0)
+
+    def saved_overall(self, block: int | None = None) -> float:
+        """The fraction skipped over every step (each step weighted by its score entries)."""
+        kept, total = self.entries(block)
+        return float(1.0 - kept.sum() / total.sum().clamp_min(1.0))
+
+
+def _block_entries(keep: Tensor, block: int) -> int:
+    """Entries inside the blocks of ``keep`` (heads, queries, keys) that hold any kept entry."""
+    h, nq, nk = keep.shape
+    rows, cols = -(-nq // block), -(-nk // block)
+    padded = torch.zeros(h, rows * block, cols * block, dtype=torch.bool)
+    padded[:, :nq, :nk] = keep
+    valid = torch.zeros(rows * block, cols * block)
+    valid[:nq, :nk] = 1
+    any_kept = padded.reshape(h, rows, block, cols, block).any(4).any(2)
+    sizes = valid.reshape(rows, block, cols, block).sum((1, 3))
+    return int((any_kept * sizes).sum())
