@@ -130,6 +130,7 @@ def main() -> None:
                                                       for r in MDWA_RATIOS])
     if args.ablation:
         runs["var-table3"] = ("var", [saving("mdwa-1", "MDWA 0.95", 0.95), saving("mdwa-1", "ASC", share=True),
+                                      saving("mdwa-1", "ASC where difference <= 0.3", share=True, threshold=0.3),
                                       saving("mdwa-1", "MDWA 0.95 + ASC", 0.95, share=True),
                                       saving("litevar-w4a8", "MDWA 0.95 + ASC + litevar-w4a8", 0.95, share=True),
                                       saving(MIXED, "MDWA 0.95 + ASC + litevar-w4a8 mixed 1.1x", 0.95, share=True)])
