@@ -45,7 +45,7 @@ def test_windows_are_searched_per_scale_block_and_head(var_setup):
     assert windows.lengths[0].tolist() == [[1, 0, 0], [1, 4, 0], [1, 4, 16]]  # the cache's scales (1, 2, 4)²
     assert windows.widths.shape == (2, 3, 3, 3)  # layers, steps, heads, parts
     assert windows.widths[:, :, :, 0].eq(-1).all()  # the first part stays whole
-    assert windows.widths[:, 2, :, 2].gt(0).all() and windows.saved_overall() > 0
+    assert windows.widths[:, 2, :, 2].gt(0).all() and windows.saved() > 0
     ops = [QuantizedAttention.of(n) for n in qmodel.graph_module.graph.nodes if schema_class(n) is QuantizedAttention]
     assert len(ops) == 2 and all(op.windowed and not op.quantizes_probs for op in ops)
 

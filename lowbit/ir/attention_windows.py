@@ -88,9 +88,8 @@ class AttentionWindows(Artifact):
             for s, m in enumerate(row):
                 if m is None:
                     continue
-                nq = m.queries
-                queries[l, s], lengths[l, s, : len(m.lengths)] = nq, torch.tensor(m.lengths)
-                part, bucket = window_buckets(nq, sum(m.lengths), torch.tensor(m.lengths))
+                queries[l, s], lengths[l, s, : len(m.lengths)] = m.queries, torch.tensor(m.lengths)
+                part, bucket = window_buckets(m.queries, sum(m.lengths), torch.tensor(m.lengths))
                 for p in range(full_parts, len(m.lengths)):
                     widest = int(bucket[:, part == p].max())
                     for h in range(m.mass.shape[0]):
@@ -124,13 +123,8 @@ class AttentionWindows(Artifact):
                 kept[l, s] = int(keep.sum()) if block is None else _block_entries(keep, block)
         return kept, total
 
-    def saved(self, block: int | None = None) -> Tensor:
-        """(steps,) the fraction of attention score entries skipped at each step over every layer and head."""
-        kept, total = self.entries(block)
-        return 1.0 - kept.sum(0) / total.sum(0).clamp_min(1.0)
-
-    def saved_overall(self, block: int | None = None) -> float:
-        """The fraction skipped over every step (each step weighted by its score entries)."""
+    def saved(self, block: int | None = None) -> float:
+        """The fraction of one image's attention score entries (every layer, step and head) skipped."""
         kept, total = self.entries(block)
         return float(1.0 - kept.sum() / total.sum().clamp_min(1.0))
 

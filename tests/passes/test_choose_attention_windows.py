@@ -73,18 +73,18 @@ def test_the_search_finds_a_planted_band_and_keeps_full_parts():
     widths = windows.widths[0, 0]
     assert widths[:, :2].eq(-1).all()  # parts of the first two scales stay whole
     assert widths[:, 3].eq(3).all()  # the planted band (bucket < 3) holds 98% of the mass, a narrower one less than 95%
-    assert windows.saved_overall() > 0
+    assert windows.saved() > 0
     whole = AttentionWindows.decide({"attn": {3.0: mass}}, ratio=1.0, full_parts=0)
-    assert whole.widths.eq(-1).all() and whole.saved_overall() == 0.0
+    assert whole.widths.eq(-1).all() and whole.saved() == 0.0
     narrow = AttentionWindows.decide({"attn": {3.0: mass}}, ratio=0.5, full_parts=0)
-    assert (narrow.widths[0, 0, :, 3] <= 3).all() and narrow.saved_overall() > windows.saved_overall()
+    assert (narrow.widths[0, 0, :, 3] <= 3).all() and narrow.saved() > windows.saved()
 
 
 def test_block_savings_never_exceed_element_savings():
     probs = banded_probs(1, 2, 16, (1, 4, 9, 16), band=2, leak=0.01)
     windows = AttentionWindows.decide({"attn": {3.0: WindowMass.of(probs, (1, 4, 9, 16))}}, ratio=0.9, full_parts=1)
-    element = windows.saved_overall()
-    assert 0 < element and windows.saved_overall(4) <= element and windows.saved_overall(1) == pytest.approx(element)
+    element = windows.saved()
+    assert 0 < element and windows.saved(4) <= element and windows.saved(1) == pytest.approx(element)
 
 
 def test_statistics_memory_does_not_grow_with_samples():
