@@ -26,13 +26,13 @@ from torch.utils import _pytree as pytree
 
 from lowbit.ir.annotations import LAYER_KEY, LayerInfo
 
-__all__ = ["CaptureError", "InputSignature", "CFG_LAYOUT_KEY", "SIGNATURE_KEY", "STEP_TOKENS_KEY", "TensorSpec", "batch_size", "capture", "module_path",
-           "normalize_inputs", "unique_path"]
+__all__ = ["CFG_LAYOUTS", "CFG_LAYOUT_KEY", "CaptureError", "InputSignature", "SIGNATURE_KEY", "STEP_TOKENS_KEY", "TensorSpec",
+           "batch_size", "capture", "module_path", "normalize_inputs", "unique_path"]
 
 SIGNATURE_KEY = "lowbit.signature"
 STEP_TOKENS_KEY = "lowbit.step_tokens"  # the model's step_tokens: how many keys each step adds to a cache
 CFG_LAYOUT_KEY = "lowbit.cfg_layout"  # the model's cfg_layout: which half of a CFG batch is conditional
-_CFG_LAYOUTS = ("conditional_first", "unconditional_first")
+CFG_LAYOUTS = ("conditional_first", "unconditional_first")  # which half of a CFG batch is conditional
 _WEIGHTED = {
     torch.ops.aten.linear.default: "linear",
     torch.ops.aten.conv2d.default: "conv2d",
@@ -157,8 +157,8 @@ def _cfg_layout(model: torch.nn.Module) -> str | None:
     """A model's ``cfg_layout``: "conditional_first" (VAR's [class; null]) or "unconditional_first"
     (diffusers pipelines' [negative; prompt]) for the halves of its CFG batches; None if it says nothing."""
     layout = getattr(model, "cfg_layout", None)
-    if layout is not None and layout not in _CFG_LAYOUTS:
-        raise CaptureError(f"{type(model).__name__}.cfg_layout must be one of {_CFG_LAYOUTS}; got {layout!r}")
+    if layout is not None and layout not in CFG_LAYOUTS:
+        raise CaptureError(f"{type(model).__name__}.cfg_layout must be one of {CFG_LAYOUTS}; got {layout!r}")
     return layout
 
 

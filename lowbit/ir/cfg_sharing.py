@@ -18,12 +18,12 @@ import torch
 from torch import Tensor
 
 from lowbit.ir.artifacts import Artifact
+from lowbit.ir.capture import CFG_LAYOUTS
 from lowbit.ir.cfg_statistics import HalfDifference
 
-__all__ = ["CFG_LAYOUTS", "CFG_SHARING", "CFGSharing", "difference_target"]
+__all__ = ["CFG_SHARING", "CFGSharing", "difference_target"]
 
 CFG_SHARING = "cfg_sharing"  # the artifact's name in the pass context
-CFG_LAYOUTS = ("conditional_first", "unconditional_first")
 
 
 def difference_target(layer: str) -> str:

@@ -16,8 +16,8 @@ import torch.fx
 
 from lowbit.ir.annotations import LAYER_KEY
 from lowbit.ir.attention import attention_softmaxes
-from lowbit.ir.capture import CFG_LAYOUT_KEY
-from lowbit.ir.cfg_sharing import CFG_LAYOUTS, CFG_SHARING, CFGSharing, difference_target
+from lowbit.ir.capture import CFG_LAYOUT_KEY, CFG_LAYOUTS
+from lowbit.ir.cfg_sharing import CFG_SHARING, CFGSharing, difference_target
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult, measured
 
 __all__ = ["ChooseCFGSharing"]
