@@ -5,21 +5,28 @@ shipped VAR (Tables 1 and 3 in kind) and on the PixArt reference model.
 with LiteVAR's rule of keeping the first three key parts whole and once keeping only the first
 (the shipped VAR has four scales, so LiteVAR's rule leaves only the last scale's own part to
 window). ``--ablation`` is Table 3 in kind: full precision, MDWA, MDWA + ASC, + W4A8, + W4A8 with
-the mixed-precision recipe of ``lowbit sensitivity``. ``--pixart`` runs ASC (every layer, and
+the mixed-precision recipe of ``lowbit sensitivity``; ``--deployed`` adds LiteVAR's own composition
+(``litevar-w4a8-mp``: its Fig. 5's ``ffn.fc2`` layers in floating point) beside the same without
+them. ``--pixart`` runs ASC (every layer, and
 DiTFastAttn's rule at a threshold) and MDWA on the reference model, whose calls have one key part
-each, so a window there is a band over the raster order of the tokens, not a 2-D neighbourhood.
+each, so a band window there runs over the raster order of the tokens. ``--grid`` repeats Table 1
+(first part whole) and the reference model's MDWA rows with 2-D windows (``geometry="grid"``: a
+square around the query's position in each scale's or the image's token grid).
 Each row is ``lowbit eval``'s: FID, IS, alignment, PSNR against the full-precision images, and the
 attention work skipped (element mask, and 16x16 tiles as a block-sparse kernel skips; ASC halves
 a shared layer). ``--explain`` prints what bounds the saving on the shipped VAR: the share of attention
 entries in parts that may be windowed (shipped scales and VAR-d16's), the widths the search gives at
-R0 = 0.95 on the last scale, and the CFG halves' difference per layer and scale (and per layer on the
-reference model). ``--memory`` calibrates
+R0 = 0.95 on the last scale, the CFG halves' difference per layer and scale (and per layer on the
+reference model), and for both geometries the share of attention mass each window width holds
+against the share of entries it keeps. ``--memory`` calibrates
 MDWA + ASC on 16 and 80 images (LiteVAR saves 80 images' maps) and prints the bytes the window and
 CFG statistics take, beside the bytes of the maps LiteVAR's search keeps.
 
     .venv/bin/python bench/mdwa.py --table --ablation --samples 1000
     .venv/bin/python bench/mdwa.py --explain
     .venv/bin/python bench/mdwa.py --pixart --samples 100 --steps 25
+    .venv/bin/python bench/mdwa.py --grid --samples 1000 --reference-samples 100
+    .venv/bin/python bench/mdwa.py --deployed --samples 1000
 """
 
 from __future__ import annotations
@@ -37,11 +44,11 @@ MIXED = Path(__file__).parent / "results" / "sensitivity" / "var-litevar-w4a8" /
 
 
 def saving(recipe: str | Path | Recipe, name: str, ratio: float | None = None, full_parts: int = 1,
-           share: bool = False, threshold: float | None = None) -> Recipe:
-    """``recipe`` with windows at R0 = ``ratio`` past ``full_parts`` whole parts and/or CFG sharing."""
+           share: bool = False, threshold: float | None = None, geometry: str = "band") -> Recipe:
+    """``recipe`` with windows (``geometry``) at R0 = ``ratio`` past ``full_parts`` whole parts and/or CFG sharing."""
     recipe = get_recipe(recipe)
     if ratio is not None:
-        recipe = recipe.with_pass("insert_window_observers")
+        recipe = recipe.with_pass("insert_window_observers", geometry=geometry)
         recipe = recipe.with_pass("choose_attention_windows", ratio=ratio, full_parts=full_parts)
     if share:
         recipe = recipe.with_pass("insert_cfg_observers")
@@ -89,6 +96,50 @@ def explain(calibration_prompts: int) -> None:
         print(f"  {layer}: {difference.min():.2f}-{difference.max():.2f}")
 
 
+def locality(subject: str, calibration_prompts: int) -> None:
+    """How much attention mass each window width holds against how many entries it keeps, per geometry,
+    summed over every layer, head and windowable part of the last step (VAR: the last scale; reference
+    model: self-attention at the first step): the curve that decides which geometry saves more."""
+    import torch
+
+    from lowbit.core.quantize import calibrate
+    from lowbit.evaluation.run import VARCalibration, calibrate_reference
+    from lowbit.ir.attention_window_statistics import image_keys, part_tokens, window_buckets
+    from lowbit.models.reference import load_reference_model
+    from lowbit.models.var import VARStep, load_tokenizer, load_var
+
+    if subject == "var":
+        var = load_var()
+        model, step_arg, full = VARStep(var), "scale", 1
+        calibration = list(VARCalibration(model, var, load_tokenizer(), calibration_prompts, chunk=16))
+    else:
+        model, step_arg, full = load_reference_model(), "timestep", 0
+        calibration = calibrate_reference(model, prompts=8, steps=5, progress=False)
+    for geometry in ("band", "grid"):
+        recipe = saving("mdwa-1", "locality", 0.95, full, geometry=geometry)
+        stats = calibrate(model, recipe, calibration, step_arg=step_arg, progress=False).context.observations.stats
+        mass, entries = torch.zeros(1, dtype=torch.float64), torch.zeros(1, dtype=torch.float64)
+        for target, per_step in stats.items():
+            if not target.endswith(":window_mass"):
+                continue
+            m = per_step[max(per_step) if subject == "var" else min(per_step)]
+            table = torch.tensor(m.lengths)
+            if not image_keys(tuple(int(n) for n in part_tokens(table)), m.queries):
+                continue
+            part, bucket = window_buckets(m.queries, int(part_tokens(table).sum()), table)
+            for p in range(full, len(m.lengths)):
+                counts = torch.bincount(bucket[:, part == p].flatten(), minlength=m.mass.shape[-1]).double()
+                depth = max(len(counts), mass.numel())
+                mass = torch.nn.functional.pad(mass, (0, depth - mass.numel())) + torch.nn.functional.pad(
+                    m.mass[:, p].sum(0) / m.mass[:, p].sum(), (0, depth - m.mass.shape[-1]))
+                entries = torch.nn.functional.pad(entries, (0, depth - entries.numel())) + torch.nn.functional.pad(
+                    counts / counts.sum(), (0, depth - len(counts)))
+        share = lambda t: (t.cumsum(0) / t.sum()).tolist()
+        print(f"{subject}, {geometry}: width w -> share of entries kept / share of attention mass held")
+        print("  " + "  ".join(f"w={w + 1}: {e:.0%}/{m:.0%}" for w, (e, m) in enumerate(zip(share(entries), share(mass)))
+                               if e < 0.999))
+
+
 def memory() -> None:
     from lowbit.core.quantize import calibrate
     from lowbit.evaluation.run import VARCalibration
@@ -115,12 +166,18 @@ def main() -> None:
     parser.add_argument("--pixart", action="store_true", help="ASC and MDWA on the PixArt reference model")
     parser.add_argument("--explain", action="store_true", help="what bounds the saving on the shipped VAR")
     parser.add_argument("--memory", action="store_true", help="calibration memory at 16 and 80 images")
+    parser.add_argument("--grid", action="store_true", help="Table 1 and the reference rows with 2-D windows")
+    parser.add_argument("--deployed", action="store_true",
+                        help="litevar-w4a8-mp (LiteVAR's own mixed precision: ffn.fc2 in fp) beside the same without it")
+    parser.add_argument("--reference-samples", type=int, help="images per row on the reference model (default: --samples)")
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--steps", type=int, default=25, help="denoising steps of the reference model")
     parser.add_argument("--calibration-prompts", type=int, default=64)
     args = parser.parse_args()
     if args.explain:
         explain(args.calibration_prompts)
+        for subject in ("var", "reference"):
+            locality(subject, args.calibration_prompts)
     if args.memory:
         memory()
     runs = {}
@@ -137,10 +194,19 @@ def main() -> None:
     if args.pixart:
         runs["reference"] = ("reference", [saving("mdwa-1", "ASC", share=True),
                                            saving("mdwa-1", "ASC where difference <= 0.3", share=True, threshold=0.3),
-                                           saving("mdwa-1", "MDWA 0.95 (raster band)", 0.95, full_parts=0),
+                                           saving("mdwa-1", "MDWA 0.95 (band)", 0.95, full_parts=0),
                                            saving("mdwa-1", "MDWA 0.95 + ASC <= 0.3", 0.95, full_parts=0, share=True, threshold=0.3)])
+    if args.grid:
+        runs["var-table1-grid"] = ("var", [saving("mdwa-1", f"mdwa2d-{r:g} (first 1 whole)", r, 1, geometry="grid")
+                                           for r in MDWA_RATIOS])
+        runs["reference-grid"] = ("reference", [
+            saving("mdwa-1", f"MDWA {r:g} ({geometry})", r, full_parts=0, geometry=geometry)
+            for geometry in ("band", "grid") for r in (0.95, 0.8, 0.6)])
+    if args.deployed:
+        runs["var-deployed"] = ("var", ["litevar-w4a8-mdwa0.95-asc", "litevar-w4a8-mp"])
     for folder, (model, recipes) in runs.items():
-        rows, grid = run_eval(recipes, args.samples, steps=args.steps, calibration_prompts=args.calibration_prompts,
+        samples = args.reference_samples if model == "reference" and args.reference_samples else args.samples
+        rows, grid = run_eval(recipes, samples, steps=args.steps, calibration_prompts=args.calibration_prompts,
                               model_name=model)
         out = RESULTS / folder
         out.mkdir(parents=True, exist_ok=True)

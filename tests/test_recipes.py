@@ -111,4 +111,14 @@ def test_mdwa_recipes_alone_and_composed():
     assert composed.precision.weight_bits == 4 and dict(composed.passes[names.index("choose_attention_windows")].settings) == {"ratio": 0.9}
     with pytest.raises(RecipeError, match="R0 must be in"):
         get_recipe("mdwa-1.5")
-    assert {"mdwa-1", "mdwa-0.95", "mdwa-0.6"} <= set(lowbit.recipes())
+    assert {"mdwa-1", "mdwa-0.95", "mdwa-0.6", "mdwa2d-0.95"} <= set(lowbit.recipes())
+    assert dict(alone.passes[2].settings) == {}  # LiteVAR's band on flattened indices
+    for name in ("mdwa2d-0.95", "minmax-w8a8-mdwa2d0.95"):  # square windows on each 2-D token grid
+        grid = get_recipe(name)
+        observe = next(s for s in grid.passes if s.name == "insert_window_observers")
+        assert dict(observe.settings) == {"geometry": "grid"}, name
+    deployed = get_recipe("litevar-w4a8-mp")  # LiteVAR's composition: MDWA 0.95 + ASC + W4A8 with ffn.fc2 in fp
+    settings = {s.name: dict(s.settings) for s in deployed.passes}
+    assert settings["choose_attention_windows"] == {"ratio": 0.95} and settings["choose_cfg_sharing"] == {}
+    assert deployed.precision.resolve("blocks.3.ffn.fc2").keep_float and not deployed.precision.resolve("blocks.3.ffn.fc1").keep_float
+    assert "litevar-w4a8-mp" in lowbit.recipes()

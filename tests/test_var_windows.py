@@ -9,16 +9,17 @@ import lowbit
 from lowbit.ir.attention_windows import ATTENTION_WINDOWS
 from lowbit.ir.cfg_sharing import CFG_SHARING
 from lowbit.ir.schema import QuantizedAttention, schema_class
+from lowbit.lowering.windowed_attention import CPU_TILE, windowed_attention_form
 from lowbit.recipes import get_recipe
 from lowbit.reports.accounting import attention_saved
 from tests.conftest import small_var, var_calibration
 
 
-def windowed(recipe: str, ratio: float):
+def windowed(recipe: str, ratio: float, geometry: str = "band"):
     """``recipe`` with windows at R0 = ``ratio`` on every part past the first scale's (the small VAR has
     three scales; LiteVAR's default keeps three parts whole, which would leave nothing to window)."""
-    return get_recipe(recipe).with_pass("insert_window_observers").with_pass("choose_attention_windows", ratio=ratio,
-                                                                               full_parts=1)
+    return get_recipe(recipe).with_pass("insert_window_observers", geometry=geometry).with_pass(
+        "choose_attention_windows", ratio=ratio, full_parts=1)
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +51,14 @@ def test_windows_are_searched_per_scale_block_and_head(var_setup):
     assert len(ops) == 2 and all(op.windowed and not op.quantizes_probs for op in ops)
 
 
-def test_r0_of_one_is_dense_and_windows_mask_as_sdpa_does(var_setup):
+@pytest.mark.parametrize("geometry", ["band", "grid"])
+def test_r0_of_one_is_dense_and_windows_mask_as_sdpa_does(var_setup, geometry):
     var, tokenizer, step, calibration = var_setup
     dense = lowbit.quantize(step, "mdwa-1", calibration, step_arg="scale", progress=False)
-    sparse = lowbit.quantize(step, windowed("mdwa-1", 0.6), calibration, step_arg="scale", progress=False)
+    sparse = lowbit.quantize(step, windowed("mdwa-1", 0.6, geometry), calibration, step_arg="scale", progress=False)
     windows = sparse.artifacts[ATTENTION_WINDOWS]
+    grids = [[1, 1], [2, 2], [4, 4]] if geometry == "grid" else [1, 4, 16]
+    assert windows.lengths[0, -1].tolist() == grids and windows.saved() > 0
     for _, kwargs in calibration[-4:]:
         with torch.no_grad():
             fp = step(**kwargs)[0]
@@ -64,23 +68,29 @@ def test_r0_of_one_is_dense_and_windows_mask_as_sdpa_does(var_setup):
     assert float((windowed_logits - fp).norm() / fp.norm()) > 1e-3  # the windows do drop mass
 
 
-def test_windows_compose_with_quantization_and_survive_save_load(var_setup, tmp_path):
+@pytest.mark.parametrize("geometry", ["band", "grid"])
+def test_windows_compose_with_quantization_and_survive_save_load(var_setup, tmp_path, geometry):
     var, tokenizer, step, calibration = var_setup
-    qmodel = lowbit.quantize(step, windowed("minmax-w8a8", 0.8), calibration, step_arg="scale", progress=False)
+    qmodel = lowbit.quantize(step, windowed("minmax-w8a8", 0.8, geometry), calibration, step_arg="scale", progress=False)
     lowbit.save(qmodel, tmp_path / "windowed")
     loaded = lowbit.load(tmp_path / "windowed", step)
-    assert torch.equal(loaded.artifacts[ATTENTION_WINDOWS].widths, qmodel.artifacts[ATTENTION_WINDOWS].widths)
+    for table in ("widths", "lengths"):
+        assert torch.equal(getattr(loaded.artifacts[ATTENTION_WINDOWS], table), getattr(qmodel.artifacts[ATTENTION_WINDOWS], table))
     for _, kwargs in calibration[-3:]:
         with torch.no_grad():
             assert all(torch.equal(a, b) for a, b in zip(loaded(**kwargs), qmodel(**kwargs)))
+    attention = [n for n in qmodel.graph_module.graph.nodes if schema_class(n) is QuantizedAttention]
+    reasons = [windowed_attention_form(n, CPU_TILE)[1] for n in attention]  # no FlexAttention form: said why
+    assert len(reasons) == 2 and all("uniform-quantized probabilities" in r for r in reasons)
 
 
-def test_windowed_var_runs_on_the_htp_as_eager(var_setup, tmp_path):
+@pytest.mark.parametrize("geometry", ["band", "grid"])
+def test_windowed_var_runs_on_the_htp_as_eager(var_setup, tmp_path, geometry):
     from lowbit.evaluation.qnn import cfg_examples
     from lowbit.lowering.onnx_qnn import HTPDenoiser, export_schedule
 
     var, tokenizer, step, calibration = var_setup
-    qmodel = lowbit.quantize(step, windowed("minmax-w8a8", 0.6), calibration, step_arg="scale", progress=False)
+    qmodel = lowbit.quantize(step, windowed("minmax-w8a8", 0.6, geometry), calibration, step_arg="scale", progress=False)
     examples = cfg_examples(calibration, 2, "scale")
     export_schedule(qmodel, examples, tmp_path / "qnn", calibration=calibration, progress=False)
     htp = HTPDenoiser(tmp_path / "qnn", "scale")  # every scale's session loads with CPU fallback disabled
@@ -132,12 +142,21 @@ def test_cfg_sharing_and_windows_export_to_the_htp(var_setup, tmp_path):
         assert float((got - want).norm() / want.norm()) < 0.02, scale  # as the unshared export
 
 
-def test_windows_and_sharing_compile_for_the_cpu_as_eager(var_setup):
+@pytest.mark.parametrize("geometry, share", [("band", False), ("band", True), ("grid", False)])
+def test_windows_compile_to_flex_attention_as_eager(var_setup, geometry, share):
+    """The compiled form skips the tiles outside the windows (FlexAttention) and computes what eager does."""
+    from lowbit.lowering.backend import compile_reports
+
     var, tokenizer, step, calibration = var_setup
-    recipe = windowed("mdwa-1", 0.6).with_pass("insert_cfg_observers").with_pass("choose_cfg_sharing")
+    recipe = windowed("mdwa-1", 0.6, geometry)
+    if share:
+        recipe = recipe.with_pass("insert_cfg_observers").with_pass("choose_cfg_sharing")
     qmodel = lowbit.quantize(step, recipe, calibration, step_arg="scale", progress=False)
+    torch._dynamo.reset()
     compiled = torch.compile(qmodel, backend="lowbit")
-    _, kwargs = calibration[-1]  # the windowed scale (each scale's shapes compile a graph of their own)
-    with torch.no_grad():
-        want, got = qmodel(**kwargs)[0], compiled(**kwargs)[0]
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # inductor fuses the float arithmetic differently
+    for _, kwargs in calibration[-3:]:  # every scale: its shapes compile a graph of their own
+        with torch.no_grad():
+            want, got = qmodel(**kwargs)[0], compiled(**kwargs)[0]
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float arithmetic in another order
+    translation = compile_reports()[-1].translation
+    assert translation.lowered["quantized_attention"] == 2 and not translation.fallbacks

@@ -75,14 +75,15 @@ class AttentionErrorObserver(Observer):
 
 class AttentionMassObserver(Observer):
     """Records where an attention's probability mass lies along its key parts' diagonals
-    (WindowMass, for choose_attention_windows); ``step_tokens`` is the model's cached-key layout."""
+    (WindowMass, for choose_attention_windows); ``step_tokens`` is the model's cached-key layout,
+    ``geometry`` how distance is measured ("band" or "grid")."""
 
-    def __init__(self, target: str, node: str, step_tokens: tuple[int, ...] | None):
+    def __init__(self, target: str, node: str, step_tokens: tuple[int, ...] | None, geometry: str = "band"):
         super().__init__(target, node, "channels_last")
-        self.step_tokens = step_tokens
+        self.step_tokens, self.geometry = step_tokens, geometry
 
     def measure(self, x: torch.Tensor, *companions: torch.Tensor) -> WindowMass:
-        return WindowMass.of(x, self.step_tokens)
+        return WindowMass.of(x, self.step_tokens, self.geometry)
 
 
 class CFGDifferenceObserver(Observer):

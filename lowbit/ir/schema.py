@@ -241,8 +241,9 @@ class QuantizedAttention(OpSchema):
     ``probs_scheme`` "none" keeps them, "uniform" or "log2" quantizes them on [probs_qmin,
     probs_qmax]; ``start_token`` >= 0 keeps that key column in full precision (DGQ eq. 9);
     ``dynamic_scale`` takes the scale from the probabilities at run time (eq. 8), with no stored
-    ``probs_scale``. ``window_widths`` (heads, parts) and ``window_lengths`` (parts,) are LiteVAR's
-    multi-diagonal windows at this step (``lowbit.ir.attention_windows``): entries outside them are
+    ``probs_scale``. ``window_widths`` (heads, parts) and ``window_lengths`` (the parts' token counts
+    (parts,), or their grids (parts, 2) for 2-D windows) are LiteVAR's multi-diagonal windows at
+    this step (``lowbit.ir.attention_windows``): entries outside them are
     masked (-inf) before the softmax; None attends everywhere the mask allows. ``shared_half`` 0 or 1
     computes the attention for that half of the batch only (a CFG batch's conditional half) and gives
     its output to both halves (LiteVAR's ASC); -1 computes every sample.

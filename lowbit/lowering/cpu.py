@@ -13,8 +13,9 @@ rounding of the final scale. DGQ's channel groups give each input channel its ow
 point), G distinct pairs: the channels are reordered group by group once per grouping, and each
 group's integer partial sum gets its own parameters (``group_linear``). Activations wider than
 8 bits have no int8 form and run the reference arithmetic; the translation report names them.
-Everything else (attention, convolutions, fake quantizers) is the reference arithmetic, inlined
-for inductor to fuse.
+Windowed attention (MDWA) runs FlexAttention's block-sparse kernel with small tiles
+(:mod:`lowbit.lowering.windowed_attention`). Everything else (other attention, convolutions, fake
+quantizers) is the reference arithmetic, inlined for inductor to fuse.
 """
 
 from __future__ import annotations
@@ -26,8 +27,9 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from lowbit.ir.ops import linear_reference
-from lowbit.ir.schema import QuantizedLinear
+from lowbit.ir.ops import attention_reference, linear_reference
+from lowbit.ir.schema import QuantizedAttention, QuantizedLinear
+from lowbit.lowering.windowed_attention import CPU_TILE, windowed_attention_form
 
 __all__ = ["CHANNEL_GROUPED", "CPU_TRANSLATIONS", "channel_groups", "group_linear", "int8_form", "int8_linear"]
 
@@ -131,4 +133,8 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     return linear_reference, reason
 
 
-CPU_TRANSLATIONS = {QuantizedLinear.overload(): _linear}
+def _attention(node: torch.fx.Node) -> tuple[Callable, str | None]:
+    return windowed_attention_form(node, CPU_TILE) or (attention_reference, None)
+
+
+CPU_TRANSLATIONS = {QuantizedLinear.overload(): _linear, QuantizedAttention.overload(): _attention}

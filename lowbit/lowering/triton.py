@@ -1,7 +1,8 @@
 """Triton target: quantized linears and log2 attention run lowbit's Triton kernels (lowbit.kernels).
 
 A linear whose input is quantized dynamically (LiteVAR: per-token min-max at run time) runs one
-fused kernel for range and codes and the W8A8 GEMM; its dynamic_params nodes go unread.
+fused kernel for range and codes and the W8A8 GEMM; its dynamic_params nodes go unread. Windowed
+attention (MDWA) runs FlexAttention's block-sparse kernel (:mod:`lowbit.lowering.windowed_attention`).
 
 The kernels are wrapped as custom ops in the ``lowbit_triton`` namespace, so inductor calls them
 as opaque kernels and compiles the rest of the graph (fake quantizers, norms, the reference
@@ -27,6 +28,7 @@ from lowbit.kernels.group_gemm import GroupedWeight, group_gemm, prepare_grouped
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.log2_attention import log2_attention
 from lowbit.kernels.quantize_activation import quantize_dynamic, quantize_static
+from lowbit.lowering.windowed_attention import GPU_TILE, windowed_attention_form
 from lowbit.lowering.cpu import CHANNEL_GROUPED, channel_groups, int8_form
 
 __all__ = ["TRITON_TRANSLATIONS"]
@@ -146,10 +148,13 @@ def _attention(node: torch.fx.Node) -> tuple[Callable, str | None]:
     op = QuantizedAttention.of(node)
     q = op.q
     shape = q.meta.get("val", q.meta.get("example_value")).shape if isinstance(q, torch.fx.Node) else ()
+    windowed = windowed_attention_form(node, GPU_TILE)
+    if windowed is not None:
+        return windowed
     if op.probs_scheme != "log2":
         return attention_reference, None  # inductor fuses softmax + uniform quantizer + matmuls itself
-    if op.attn_mask is not None or op.windowed:
-        return attention_reference, "attention mask or windows: the log2 kernel takes none"
+    if op.attn_mask is not None:
+        return attention_reference, "attention mask: the log2 kernel takes none"
     if op.shared_half >= 0:
         return attention_reference, "CFG sharing: the log2 kernel computes every sample"
     if len(shape) != 4:

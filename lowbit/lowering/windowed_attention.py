@@ -1,0 +1,152 @@
+"""MDWA's windows as work really skipped: FlexAttention's block-sparse kernel, on every compile target.
+
+A windowed ``quantized_attention`` whose probabilities stay in floating point becomes one opaque op,
+``lowbit_flex::windowed_attention``. At run time it reads its step's windows (small tensors), builds
+the ``BlockMask`` of those windows once per (windows, shape, tile) and keeps it, and calls
+``flex_attention`` compiled for that shape: tiles outside every window are never computed, tiles
+inside are computed unmasked, and only the tiles a window edge crosses evaluate the mask, which is
+``window_keep``'s arithmetic on the indices (no L×L tensor exists at any point, here or in the
+tile count).
+
+Why an opaque op around a separately compiled kernel rather than FlexAttention inside the
+inductor graph: in torch 2.13 on the CPU, the flex template miscompiles dynamic-shape graphs,
+crashes when inductor fuses a pointwise consumer into it, and cannot read a mask computed in the
+same graph (measured; README). Compiled alone, per static shape, it is exact. The linears around it
+stay in the surrounding compiled graph.
+
+Probabilities quantized on a grid (``probs_scheme`` uniform or log2) have no FlexAttention form
+(its softmax is not quantized); those calls keep the reference arithmetic, and the translation
+report says so.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Callable
+
+import torch
+import torch.fx
+import torch.nn.functional as F
+from torch import Tensor
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+from lowbit.ir.attention_window_statistics import key_columns, query_grid, window_tiles
+from lowbit.ir.attention_windows import WINDOW_BLOCK
+from lowbit.ir.ops import attention_reference, batch_half
+from lowbit.ir.schema import QuantizedAttention
+
+__all__ = ["CPU_TILE", "GPU_TILE", "flex_kernel", "tile_block_mask", "window_block_mask", "windowed_attention_form"]
+
+CPU_TILE = WINDOW_BLOCK  # 16: fastest, or within 5%, at VAR-d16's and 1024 px's steps (bench/windowed_attention.py)
+GPU_TILE = 128  # FlexAttention's own default on CUDA
+_CACHED_MASKS = 256
+_SHAPES_PER_KERNEL = 64  # a VAR compiles one kernel per scale with windows (2K: 13 scales)
+
+
+def tile_block_mask(partial: Tensor, full: Tensor, tile: int, queries: int, keys: int,
+                    mask_mod: Callable | None = None) -> BlockMask:
+    """A ``BlockMask`` from bool (heads, query tiles, key tiles): ``partial`` tiles read ``mask_mod``,
+    ``full`` tiles are computed unmasked, the rest skipped."""
+
+    def ordered(tiles: Tensor) -> tuple[Tensor, Tensor]:
+        t = tiles[None].int()
+        return t.sum(-1).int(), torch.argsort(t, dim=-1, descending=True, stable=True).int()
+
+    return BlockMask.from_kv_blocks(*ordered(partial), *ordered(full), BLOCK_SIZE=tile, mask_mod=mask_mod,
+                                    seq_lengths=(queries, keys), compute_q_blocks=False)  # q index: backward only
+
+
+def window_block_mask(widths: Tensor, lengths: Tensor, queries: int, keys: int, tile: int) -> BlockMask:
+    """The ``BlockMask`` of the windows ``widths`` (heads, parts) over key parts ``lengths`` (token
+    counts or grids): empty tiles skipped, full tiles unmasked, the rest masked exactly as
+    ``window_keep`` does."""
+    widths, lengths = widths.detach().to("cpu", torch.int64), lengths.detach().to("cpu", torch.int64)
+    touched, full = window_tiles(queries, keys, widths, lengths, tile)
+    return tile_block_mask(touched & ~full, full, tile, queries, keys, _window_mask_mod(widths, lengths, queries, keys))
+
+
+def _window_mask_mod(widths: Tensor, lengths: Tensor, queries: int, keys: int) -> Callable:
+    """``window_keep`` as FlexAttention's mask function, from per-key-column tables: an entry is kept when
+    along both axes |a·n − b·m| < w·m (bucket < w in integers), or its part is whole (w < 0)."""
+    part, key_row, key_col, rows, cols = key_columns(keys, lengths)
+    q_rows, q_cols = query_grid(queries, lengths).tolist()
+    parts = widths.shape[-1]
+    width = torch.where(part[None, :] < parts, widths[:, part.clamp_max(parts - 1)], -1)  # (heads, keys); -1 keeps
+
+    def mask_mod(b, h, q, k):
+        kc, qc = k.clamp(max=keys - 1), q.clamp(max=queries - 1)
+        w = width[h, kc]
+        row_inside = ((qc // q_cols) * rows[kc] - key_row[kc] * q_rows).abs() < w * q_rows
+        col_inside = ((qc % q_cols) * cols[kc] - key_col[kc] * q_cols).abs() < w * q_cols
+        return (q < queries) & (k < keys) & ((w < 0) | (row_inside & col_inside))
+
+    return mask_mod
+
+
+def _flex_call(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: float) -> Tensor:
+    return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
+
+
+flex_kernel = torch.compile(_flex_call, dynamic=False)  # one kernel per static shape
+_masks: OrderedDict[tuple, BlockMask] = OrderedDict()
+
+
+def _block_mask(widths: Tensor, lengths: Tensor, queries: int, keys: int, tile: int, device: torch.device) -> BlockMask:
+    key = (widths.cpu().numpy().tobytes(), tuple(widths.shape), lengths.cpu().numpy().tobytes(), queries, keys, tile, str(device))
+    if key not in _masks:
+        _masks[key] = window_block_mask(widths, lengths, queries, keys, tile).to(device)
+        if len(_masks) > _CACHED_MASKS:
+            _masks.popitem(last=False)
+    _masks.move_to_end(key)
+    return _masks[key]
+
+
+@torch.library.custom_op("lowbit_flex::windowed_attention", mutates_args=())
+def windowed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window_widths: Tensor, window_lengths: Tensor,
+                       shared_half: int, tile: int) -> Tensor:
+    """softmax(q kᵀ · scale) V within the windows, (batch, heads, tokens, dim), the tiles outside them skipped;
+    ``shared_half`` as ``quantized_attention``'s (CFG sharing)."""
+    batch = q.shape[0]
+    if shared_half >= 0:
+        q, k, v = (batch_half(t, batch, shared_half) for t in (q, k, v))
+    if bool((window_widths < 0).all()):  # a step with every part whole: nothing to skip
+        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    else:
+        mask = _block_mask(window_widths, window_lengths, q.shape[-2], k.shape[-2], tile, q.device)
+        with torch._dynamo.config.patch(recompile_limit=_SHAPES_PER_KERNEL):
+            out = flex_kernel(q, k, v, mask, scale)
+    return torch.cat([out, out]) if shared_half >= 0 else out.contiguous()  # flex's own layout is (b, q, h, d)
+
+
+@windowed_attention.register_fake
+def _(q, k, v, scale, window_widths, window_lengths, shared_half, tile):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+def _flex_form(tile: int) -> Callable:
+    def run(**arguments) -> Tensor:
+        op = QuantizedAttention(**arguments)
+        return torch.ops.lowbit_flex.windowed_attention.default(op.q, op.k, op.v, op.scale, op.window_widths,
+                                                                op.window_lengths, op.shared_half, tile)
+
+    return run
+
+
+def _rank(node: object) -> int | None:
+    value = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
+    return value.dim() if isinstance(value, torch.Tensor) else None
+
+
+def windowed_attention_form(node: torch.fx.Node, tile: int) -> tuple[Callable, str | None] | None:
+    """The FlexAttention form of a windowed attention node with ``tile``² tiles, the reference with the
+    reason it has none, or None when the node has no windows (the target decides)."""
+    op = QuantizedAttention.of(node)
+    if not op.windowed:
+        return None
+    if op.quantizes_probs:
+        return attention_reference, f"windows with {op.probs_scheme}-quantized probabilities: FlexAttention's softmax is not quantized"
+    if op.attn_mask is not None:
+        return attention_reference, "windows and an attention mask: the FlexAttention form takes the windows only"
+    if _rank(op.q) != 4:
+        return attention_reference, f"windows on q of rank {_rank(op.q)}: FlexAttention takes (batch, heads, tokens, dim)"
+    return _flex_form(tile), None
