@@ -33,7 +33,9 @@ def _planted_model() -> torch.nn.Module:
 def planted():
     model = _planted_model()
     calibration = calibrate_reference(model, prompts=2, steps=3, progress=False)
-    return model, calibration, calibrate(model, "minmax-w4a8", calibration, keep=2, progress=False)
+    # every sample kept: which 2 of 6 a content hash keeps moves with float noise in a new environment,
+    # and with it the figures (0.046 against 0.017 on one such pair)
+    return model, calibration, calibrate(model, "minmax-w4a8", calibration, keep=len(calibration), progress=False)
 
 
 def test_a_layer_type_has_a_star_for_each_block_index():
@@ -52,7 +54,7 @@ def test_sensitivity_finds_the_planted_layer(planted):
     rows = measure(calibrated, "layer", progress=False)
     assert len(rows) == len(calibrated.quantized_layers())
     assert rows[0].group == PLANTED
-    assert rows[0].relative_error > 3 * rows[1].relative_error, rows[:3]  # 0.070 against 0.018 when written
+    assert rows[0].relative_error > 3 * rows[1].relative_error, rows[:3]  # 0.063 against 0.016 when written
     by_type = measure(calibrated, "type", progress=False)
     assert by_type[0].group == PLANTED_TYPE and by_type[0].layers > 1
 

@@ -90,7 +90,8 @@ class Recipe:
         except (SettingError, PassError) as err:
             raise RecipeError(f"{self.source}: recipe {self.name!r}: {str(err).removeprefix(f'{self.source}: ')}") from None
         if not any(p.name == "annotate_quantization" for p in pipeline):
-            raise RecipeError(f"{self.source}: recipe {self.name!r} lists no annotate_quantization pass: nothing would be quantized")
+            raise RecipeError(f"{self.source}: recipe {self.name!r}: its passes list no annotate_quantization: nothing would "
+                              f"be quantized")
         if self.precision.attention_scheme == "auto" and self.precision.quantize_probs and not any(
                 p.name == "choose_attention_scheme" for p in pipeline):
             raise RecipeError(f"{self.source}: recipe {self.name!r} sets attention_scheme = \"auto\" but lists no "
