@@ -65,20 +65,38 @@ def window_block_mask(widths: Tensor, lengths: Tensor, queries: int, keys: int, 
     return tile_block_mask(touched & ~full, full, tile, queries, keys, _window_mask_mod(widths, lengths, queries, keys))
 
 
+def _query_interval(b: Tensor, n: Tensor, w: Tensor, m: int) -> tuple[Tensor, Tensor]:
+    """Along one axis of n keys and m queries, the queries a that keep key b: |a·n − b·m| < w·m is a in
+    [⌊(b − w)·m/n⌋ + 1, ⌈(b + w)·m/n⌉ − 1], clipped to [0, m − 1] (so padded queries keep nothing); a
+    negative width keeps [0, m − 1]."""
+    lo = torch.div((b - w) * m, n, rounding_mode="floor") + 1
+    hi = -torch.div(-(b + w) * m, n, rounding_mode="floor") - 1
+    return torch.where(w < 0, 0, lo.clamp_min(0)), torch.where(w < 0, m - 1, hi.clamp_max(m - 1))
+
+
 def _window_mask_mod(widths: Tensor, lengths: Tensor, queries: int, keys: int) -> Callable:
-    """``window_keep`` as FlexAttention's mask function, from per-key-column tables: an entry is kept when
-    along both axes |a·n − b·m| < w·m (bucket < w in integers), or its part is whole (w < 0)."""
+    """``window_keep`` as FlexAttention's mask function, from per-key-column tables of the query rows and
+    columns that keep each key (heads, keys): two gathers and comparisons per entry for band windows
+    (the queries are one row), four and a division for 2-D windows."""
     part, key_row, key_col, rows, cols = key_columns(keys, lengths)
     q_rows, q_cols = query_grid(queries, lengths).tolist()
     parts = widths.shape[-1]
     width = torch.where(part[None, :] < parts, widths[:, part.clamp_max(parts - 1)], -1)  # (heads, keys); -1 keeps
+    row_lo, row_hi = _query_interval(key_row, rows, width, q_rows)
+    col_lo, col_hi = _query_interval(key_col, cols, width, q_cols)
+    if q_rows == 1:  # band windows: fold the row condition (query row 0 inside) into the column interval
+        inside = (row_lo <= 0) & (row_hi >= 0)
+        col_lo = torch.where(inside, col_lo, queries)
 
-    def mask_mod(b, h, q, k):
-        kc, qc = k.clamp(max=keys - 1), q.clamp(max=queries - 1)
-        w = width[h, kc]
-        row_inside = ((qc // q_cols) * rows[kc] - key_row[kc] * q_rows).abs() < w * q_rows
-        col_inside = ((qc % q_cols) * cols[kc] - key_col[kc] * q_cols).abs() < w * q_cols
-        return (q < queries) & (k < keys) & ((w < 0) | (row_inside & col_inside))
+        def mask_mod(b, h, q, k):
+            kc = k.clamp(max=keys - 1)
+            return (k < keys) & (q >= col_lo[h, kc]) & (q <= col_hi[h, kc])
+    else:
+        def mask_mod(b, h, q, k):
+            kc = k.clamp(max=keys - 1)
+            r, c = q // q_cols, q % q_cols
+            return ((k < keys) & (r >= row_lo[h, kc]) & (r <= row_hi[h, kc]) & (c >= col_lo[h, kc])
+                    & (c <= col_hi[h, kc]))
 
     return mask_mod
 
