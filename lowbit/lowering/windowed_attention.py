@@ -56,13 +56,15 @@ def tile_block_mask(partial: Tensor, full: Tensor, tile: int, queries: int, keys
                                     seq_lengths=(queries, keys), compute_q_blocks=False)  # q index: backward only
 
 
-def window_block_mask(widths: Tensor, lengths: Tensor, queries: int, keys: int, tile: int) -> BlockMask:
+def window_block_mask(widths: Tensor, lengths: Tensor, queries: int, keys: int, tile: int,
+                      device: torch.device | str = "cpu") -> BlockMask:
     """The ``BlockMask`` of the windows ``widths`` (heads, parts) over key parts ``lengths`` (token
-    counts or grids): empty tiles skipped, full tiles unmasked, the rest masked exactly as
-    ``window_keep`` does."""
+    counts or grids), on ``device``: empty tiles skipped, full tiles unmasked, the rest masked exactly
+    as ``window_keep`` does."""
     widths, lengths = widths.detach().to("cpu", torch.int64), lengths.detach().to("cpu", torch.int64)
     touched, full = window_tiles(queries, keys, widths, lengths, tile)
-    return tile_block_mask(touched & ~full, full, tile, queries, keys, _window_mask_mod(widths, lengths, queries, keys))
+    mask_mod = _window_mask_mod(widths, lengths, queries, keys, device)
+    return tile_block_mask(touched & ~full, full, tile, queries, keys, mask_mod).to(device)
 
 
 def _query_interval(b: Tensor, n: Tensor, w: Tensor, m: int) -> tuple[Tensor, Tensor]:
@@ -74,7 +76,7 @@ def _query_interval(b: Tensor, n: Tensor, w: Tensor, m: int) -> tuple[Tensor, Te
     return torch.where(w < 0, 0, lo.clamp_min(0)), torch.where(w < 0, m - 1, hi.clamp_max(m - 1))
 
 
-def _window_mask_mod(widths: Tensor, lengths: Tensor, queries: int, keys: int) -> Callable:
+def _window_mask_mod(widths: Tensor, lengths: Tensor, queries: int, keys: int, device: torch.device | str) -> Callable:
     """``window_keep`` as FlexAttention's mask function, from per-key-column tables of the query rows and
     columns that keep each key (heads, keys): two gathers and comparisons per entry for band windows
     (the queries are one row), four and a division for 2-D windows."""
@@ -85,18 +87,20 @@ def _window_mask_mod(widths: Tensor, lengths: Tensor, queries: int, keys: int) -
     row_lo, row_hi = _query_interval(key_row, rows, width, q_rows)
     col_lo, col_hi = _query_interval(key_col, cols, width, q_cols)
     if q_rows == 1:  # band windows: fold the row condition (query row 0 inside) into the column interval
-        inside = (row_lo <= 0) & (row_hi >= 0)
-        col_lo = torch.where(inside, col_lo, queries)
+        col_lo = torch.where((row_lo <= 0) & (row_hi >= 0), col_lo, queries).to(device)
+        col_hi = col_hi.to(device)
 
         def mask_mod(b, h, q, k):
             kc = k.clamp(max=keys - 1)
             return (k < keys) & (q >= col_lo[h, kc]) & (q <= col_hi[h, kc])
-    else:
-        def mask_mod(b, h, q, k):
-            kc = k.clamp(max=keys - 1)
-            r, c = q // q_cols, q % q_cols
-            return ((k < keys) & (r >= row_lo[h, kc]) & (r <= row_hi[h, kc]) & (c >= col_lo[h, kc])
-                    & (c <= col_hi[h, kc]))
+
+        return mask_mod
+    row_lo, row_hi, col_lo, col_hi = (t.to(device) for t in (row_lo, row_hi, col_lo, col_hi))
+
+    def mask_mod(b, h, q, k):
+        kc = k.clamp(max=keys - 1)
+        r, c = q // q_cols, q % q_cols
+        return (k < keys) & (r >= row_lo[h, kc]) & (r <= row_hi[h, kc]) & (c >= col_lo[h, kc]) & (c <= col_hi[h, kc])
 
     return mask_mod
 
@@ -112,7 +116,7 @@ _masks: OrderedDict[tuple, BlockMask] = OrderedDict()
 def _block_mask(widths: Tensor, lengths: Tensor, queries: int, keys: int, tile: int, device: torch.device) -> BlockMask:
     key = (widths.cpu().numpy().tobytes(), tuple(widths.shape), lengths.cpu().numpy().tobytes(), queries, keys, tile, str(device))
     if key not in _masks:
-        _masks[key] = window_block_mask(widths, lengths, queries, keys, tile).to(device)
+        _masks[key] = window_block_mask(widths, lengths, queries, keys, tile, device)
         if len(_masks) > _CACHED_MASKS:
             _masks.popitem(last=False)
     _masks.move_to_end(key)
