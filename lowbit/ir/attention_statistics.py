@@ -26,13 +26,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from lowbit.ir.ops import quantize_probs
+from lowbit.ir.ops import TINY, quantize_probs
 
 __all__ = ["CANDIDATES", "CandidateErrors", "candidate_name"]
 
 CANDIDATES = (("uniform", False), ("log2", False), ("uniform", True), ("log2", True))  # ties go to the earlier
 _CHUNK = 1 << 24  # probabilities quantized at a time (64 MB of float32)
-_TINY = 1e-30  # the smallest run-time scale, as in lowbit.ir.ops
 
 
 def candidate_name(scheme: str, split: bool) -> str:
@@ -57,12 +56,12 @@ class CandidateErrors:
         v = v.detach().float().expand(*lead, *v.shape[-2:]).reshape(-1, *v.shape[-2:])
         # the run-time scales (DGQ eq. 8) are maxima over the whole call: taken first, so that the maps are
         # then quantized a few (batch, head) slices at a time and no candidate's copy of a whole map exists
-        peak_all = p.amax().clamp_min(_TINY)
+        peak_all = p.amax().clamp_min(TINY)
         peak_rest = None
         if start_column is not None:
             others = torch.ones(p.shape[-1], dtype=torch.bool, device=p.device)
             others[start_column] = False
-            peak_rest = p[..., others].amax().clamp_min(_TINY) if others.any() else peak_all
+            peak_rest = p[..., others].amax().clamp_min(TINY) if others.any() else peak_all
         applicable = [not split or start_column is not None for _, split in CANDIDATES]
         squared = torch.tensor([0.0 if ok else math.inf for ok in applicable], dtype=torch.float64)
         energy = 0.0

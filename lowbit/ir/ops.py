@@ -23,6 +23,7 @@ from lowbit.ir.schema import DynamicParams, FakeQuant, Log2FakeQuant, OpSchema, 
 
 __all__ = [
     "REFERENCES",
+    "TINY",
     "attention_probs",
     "attention_reference",
     "asymmetric_params",
@@ -36,7 +37,7 @@ __all__ = [
     "log2_quantize",
 ]
 
-_TINY = 1e-30
+TINY = 1e-30  # the smallest run-time scale: an all-zero tensor quantizes to zeros, not NaN
 _EPS = 1e-8  # the smallest quantization scale
 
 
@@ -49,7 +50,7 @@ def uniform_quantize(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qm
 
 def log2_quantize(x: Tensor, scale: Tensor, levels: int) -> Tensor:
     """Eq. 2 of DGQ: x_q = clamp(round(-log2(x / s)), 0, 2^b - 1), x_dq = s 2^(-x_q)."""
-    xf = x.float().clamp_min(_TINY)
+    xf = x.float().clamp_min(TINY)
     q = torch.clamp(torch.round(-torch.log2(xf / scale)), 0, levels - 1)
     return (scale * torch.exp2(-q)).to(x.dtype)
 
@@ -166,7 +167,7 @@ def quantize_probs(
         keep = probs[..., start_token : start_token + 1]
         probs = torch.cat([probs[..., :start_token], probs[..., start_token + 1 :]], dim=-1)
     if dynamic_scale:
-        peak = probs.amax().clamp_min(_TINY).reshape(())
+        peak = probs.amax().clamp_min(TINY).reshape(())
         if scheme == "log2":
             scale = peak
         else:
