@@ -24,7 +24,7 @@ import torch.fx
 from lowbit.ir.annotations import ATTENTION_KEY, LAYER_KEY
 from lowbit.ir.graph_edit import call
 
-__all__ = ["AttentionOperands", "attention_softmaxes", "emit_canonical_attention", "parse_canonical_attention"]
+__all__ = ["AttentionOperands", "attention_layers", "attention_softmaxes", "emit_canonical_attention", "parse_canonical_attention"]
 
 aten = torch.ops.aten
 
@@ -95,3 +95,8 @@ def parse_canonical_attention(probs: torch.fx.Node) -> AttentionOperands:
 def attention_softmaxes(graph: torch.fx.Graph) -> list[torch.fx.Node]:
     """Every canonical attention's softmax (its probabilities), in graph order."""
     return [n for n in graph.nodes if LAYER_KEY in n.meta and n.meta[LAYER_KEY].kind == "attention"]
+
+
+def attention_layers(graph: torch.fx.Graph) -> list[str]:
+    """The layer path of every canonical attention, in graph order."""
+    return [probs.meta[LAYER_KEY].path for probs in attention_softmaxes(graph)]

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch.fx
 
-from lowbit.ir.annotations import LAYER_KEY
-from lowbit.ir.attention import attention_softmaxes
+from lowbit.ir.attention import attention_layers
 from lowbit.ir.attention_windows import ATTENTION_WINDOWS, AttentionWindows, mass_target
 from lowbit.passes.base import Pass, PassContext, PassResult, measured
 
@@ -32,7 +31,7 @@ class ChooseAttentionWindows(Pass):
         self.ratio, self.full_parts = ratio, full_parts
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        layers = [probs.meta[LAYER_KEY].path for probs in attention_softmaxes(gm.graph)]
+        layers = attention_layers(gm.graph)
         if not layers:
             return PassResult(gm, modified=False)
         ctx.artifacts[ATTENTION_WINDOWS] = AttentionWindows.decide(measured(ctx, self.name, layers, mass_target),

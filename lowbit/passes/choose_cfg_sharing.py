@@ -14,8 +14,7 @@ import math
 
 import torch.fx
 
-from lowbit.ir.annotations import LAYER_KEY
-from lowbit.ir.attention import attention_softmaxes
+from lowbit.ir.attention import attention_layers
 from lowbit.ir.capture import CFG_LAYOUT_KEY, CFG_LAYOUTS
 from lowbit.ir.cfg_sharing import CFG_SHARING, CFGSharing, difference_target
 from lowbit.passes.base import Pass, PassContext, PassError, PassResult, measured
@@ -36,7 +35,7 @@ class ChooseCFGSharing(Pass):
         self.threshold, self.layout = threshold, layout
 
     def run(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        layers = [probs.meta[LAYER_KEY].path for probs in attention_softmaxes(gm.graph)]
+        layers = attention_layers(gm.graph)
         if not layers:
             return PassResult(gm, modified=False)
         layout = gm.meta.get(CFG_LAYOUT_KEY) if self.layout == "model" else self.layout
