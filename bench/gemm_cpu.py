@@ -1,14 +1,13 @@
-"""The GEMMs under lowbit's CPU path alone, in the layouts the paths use: FP32 and bf16 ``F.linear``
-(weight [N, K]) and int8 x int8 -> int32 ``torch._int_mm(codes, weight.t())`` (what the "cpu"
-lowering calls), at the shapes of the compile benches, side by side in one process.
+"""The GEMMs under lowbit's CPU path alone: FP32 and bf16 ``F.linear`` (weight [N, K]), int8 x int8 ->
+int32 ``torch._int_mm(codes, weight.t())`` and what the "cpu" lowering calls, oneDNN on a weight
+prepacked once (``lowbit.lowering.onednn.quantized_matmul``: uint8 codes with one scale and zero
+point, float32 out, bias and scales in the call), at the shapes of the compile benches, side by
+side in one process.
 
-Whether int8 can beat FP32 on a CPU is decided here, below any graph: ``torch._int_mm`` is fast
-only where ATen has a vectorised int8 kernel for the host (AVX512-VNNI / AMX); on an AVX2-only
-host it is a slow fallback, and so is bf16 without AVX512-BF16. The last column is the candidate
-for such hosts: PyTorch's quantized engine (``torch.ops.quantized.linear`` on prepacked
-per-channel int8 weights and a uint8 activation with one scale, lowbit's static W8A8 form), which
-fbgemm vectorises on AVX2. The device line names the ATen CPU capability, so a table can be
-matched with the compile benches run on the same host.
+Whether int8 can beat bf16 on a CPU is decided here, below any graph: int8 is fast only where the
+host has VNNI or AMX and bf16 only with AVX512-BF16 or AMX; ``torch._int_mm`` also reorders the
+weight on every call. The device line names the ATen CPU capability, so a table can be matched with
+the compile benches run on the same host.
 
     .venv/bin/python bench/gemm_cpu.py      # writes bench/results/gemm_cpu.md
 """
@@ -26,6 +25,8 @@ import torch.nn.functional as F
 
 from compile_cpu import write_results
 
+from lowbit.lowering.onednn import quantized_matmul
+
 RESULTS = Path(__file__).parent / "results" / "gemm_cpu.md"
 SHAPES = {  # (rows M, inner K, columns N): the activation rows times a linear's weight
     "VAR-d16 last scale, CFG 2: mat_qkv": (512, 1024, 3072),
@@ -37,7 +38,7 @@ SHAPES = {  # (rows M, inner K, columns N): the activation rows times a linear's
 }
 
 
-def _median_ms(fn, rounds: int) -> float:
+def median_ms(fn, rounds: int) -> float:
     fn()  # first call: allocation, dispatch caches
     times = []
     for _ in range(rounds):
@@ -53,27 +54,52 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
     load_at_start = os.getloadavg()[0]
-    engine = torch.backends.quantized.engine
-    lines = ["| GEMM | M x K x N | FP32 ms | bf16 ms | int8 (_int_mm) ms | _int_mm vs FP32 | _int_mm vs bf16 | "
-             f"int8 (quantized.linear, {engine}) ms | quantized.linear vs FP32 |",
+    lines = ["| GEMM | M x K x N | FP32 ms | bf16 ms | int8 (_int_mm) ms | _int_mm vs bf16 | int8 (lowbit, oneDNN prepacked) ms | "
+             "lowbit vs FP32 | lowbit vs bf16 |",
              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     torch.manual_seed(0)
     for name, (m, k, n) in SHAPES.items():
         x, w = torch.randn(m, k), torch.randn(n, k)
         x16, w16 = x.bfloat16(), w.bfloat16()
         x8, w8 = torch.randint(-128, 128, (m, k), dtype=torch.int8), torch.randint(-128, 128, (n, k), dtype=torch.int8)
-        fp32 = _median_ms(lambda: F.linear(x, w), args.rounds)
-        bf16 = _median_ms(lambda: F.linear(x16, w16), args.rounds)
-        int8 = _median_ms(lambda: torch._int_mm(x8, w8.t()), args.rounds)
-        packed = torch.ops.quantized.linear_prepack(
-            torch.quantize_per_channel(w, w.abs().amax(1) / 127, torch.zeros(n, dtype=torch.long), 0, torch.qint8), None)
-        xq = torch.quantize_per_tensor(x, float(x.abs().max()) / 127, 128, torch.quint8)
-        out_scale = float(x.abs().max() * w.abs().max() * k ** 0.5) / 127
-        engine_ms = _median_ms(lambda: torch.ops.quantized.linear(xq, packed, out_scale, 128), args.rounds)
-        lines.append(f"| {name} | {m} x {k} x {n} | {fp32:.1f} | {bf16:.1f} | {int8:.1f} | {fp32 / int8:.2f}x | {bf16 / int8:.2f}x "
-                     f"| {engine_ms:.1f} | {fp32 / engine_ms:.2f}x |")
+        fp32 = median_ms(lambda: F.linear(x, w), args.rounds)
+        bf16 = median_ms(lambda: F.linear(x16, w16), args.rounds)
+        int8 = median_ms(lambda: torch._int_mm(x8, w8.t()), args.rounds)
+        codes, scale, zero_point = (x8.int() + 128).to(torch.uint8), torch.tensor(0.02), torch.tensor(128.0)
+        weight_scale, bias = torch.rand(n) / 100, torch.randn(n)
+        lowbit_ms = median_ms(lambda: quantized_matmul(codes, scale, zero_point, w8, weight_scale, bias), args.rounds)
+        lines.append(f"| {name} | {m} x {k} x {n} | {fp32:.1f} | {bf16:.1f} | {int8:.1f} | {bf16 / int8:.2f}x "
+                     f"| {lowbit_ms:.1f} | {fp32 / lowbit_ms:.2f}x | {bf16 / lowbit_ms:.2f}x |")
         print(lines[-1], flush=True)
-    write_results(args.out, "bench/gemm_cpu.py", load_at_start, ["### one GEMM, median of the rounds", ""] + lines + [""])
+    sections = ["### one GEMM, median of the rounds", ""] + lines + [""] + gelu_chain(args.rounds)
+    write_results(args.out, "bench/gemm_cpu.py", load_at_start, sections)
+
+
+def gelu_chain(rounds: int) -> list[str]:
+    """PixArt's ff.net.0 with its GELU (tanh) and ff.net.2's input quantizer: the int8 GEMM's float32
+    output then GELU and quantizer compiled by inductor, against one oneDNN call with GELU in the
+    epilogue writing the codes (what the "cpu" lowering runs), and bf16's linear + GELU."""
+    m, k, n = 2048, 1152, 4608
+    x, w, bias = torch.randn(m, k).bfloat16(), torch.randn(n, k).bfloat16(), torch.randn(n)
+    codes, scale, zero_point = torch.randint(0, 256, (m, k), dtype=torch.uint8), torch.tensor(0.02), torch.tensor(128.0)
+    w8, weight_scale = torch.randint(-127, 128, (n, k), dtype=torch.int8), torch.rand(n) / 1000
+    out_scale, out_zero_point = torch.tensor(0.01), torch.tensor(20.0)
+    quantize_next = torch.compile(lambda y: torch.clamp(torch.round(F.gelu(y, approximate="tanh") / out_scale) + out_zero_point, 0, 255)
+                                  .to(torch.uint8))
+    forms = {
+        "bf16: F.linear, GELU": lambda: F.gelu(F.linear(x, w, bias.bfloat16()), approximate="tanh"),
+        "lowbit int8 GEMM (float32 out), then GELU + quantizer (inductor)":
+            lambda: quantize_next(quantized_matmul(codes, scale, zero_point, w8, weight_scale, bias)),
+        "lowbit one call: GELU in the epilogue, the next layer's codes out":
+            lambda: quantized_matmul(codes, scale, zero_point, w8, weight_scale, bias, "tanh", out_scale, out_zero_point, torch.uint8),
+    }
+    times = {name: median_ms(fn, rounds) for name, fn in forms.items()}
+    base = times["bf16: F.linear, GELU"]
+    lines = ["### linear + GELU + the next layer's quantizer, PixArt-alpha ff.net.0 (2048 x 1152 x 4608)", "",
+             "| form | ms | vs bf16 |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {ms:.1f} | {base / ms:.2f}x |" for name, ms in times.items()]
+    print("\n".join(lines), flush=True)
+    return lines + [""]
 
 
 if __name__ == "__main__":

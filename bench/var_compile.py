@@ -28,7 +28,7 @@ from typing import Callable
 import torch
 
 import lowbit
-from compile_cpu import peak_step_bytes, return_freed_memory, write_results
+from compile_cpu import peak_step_bytes, write_results
 from lowbit.models.var import VAR, MultiScaleVQ, TokenizerConfig, VARConfig, VARStep, load_tokenizer, load_var, sample
 
 RESULTS = Path(__file__).parent / "results" / "var_compile.md"
@@ -102,7 +102,6 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    return_freed_memory()
     load_at_start = os.getloadavg()[0]
     sections = []
     if "shipped" in args.models:

@@ -31,6 +31,8 @@ __all__ = [
     "conv2d_reference",
     "dynamic_params",
     "linear_reference",
+    "probs_params",
+    "probs_peak",
     "quantize_probs",
     "timestep_row",
     "uniform_quantize",
@@ -167,11 +169,7 @@ def quantize_probs(
         keep = probs[..., start_token : start_token + 1]
         probs = torch.cat([probs[..., :start_token], probs[..., start_token + 1 :]], dim=-1)
     if dynamic_scale:
-        peak = probs.amax().clamp_min(TINY).reshape(())
-        if scheme == "log2":
-            scale = peak
-        else:
-            scale, zero_point = peak / (qmax - qmin), torch.full_like(peak, float(qmin))
+        scale, zero_point = probs_params(probs.amax(), scheme, qmin, qmax)
     if scale is None:
         raise ValueError("static probability quantization needs a scale")
     if scheme == "log2":
@@ -181,6 +179,21 @@ def quantize_probs(
     if keep is not None:
         out = torch.cat([out[..., :start_token], keep, out[..., start_token:]], dim=-1)
     return out
+
+
+def probs_peak(probs: Tensor, start_token: int) -> Tensor:
+    """The largest probability outside the start-token column: what a dynamic scale spans."""
+    if start_token >= 0:  # probabilities are >= 0: a zero never raises the peak
+        probs = probs.masked_fill(torch.arange(probs.shape[-1], device=probs.device) == start_token, 0.0)
+    return probs.amax()
+
+
+def probs_params(peak: Tensor, scheme: str, qmin: int, qmax: int) -> tuple[Tensor, Tensor | None]:
+    """The (scale, zero point) of a dynamic probability grid spanning [0, ``peak``] (DGQ eq. 8)."""
+    peak = peak.clamp_min(TINY).reshape(())
+    if scheme == "log2":
+        return peak, None
+    return peak / (qmax - qmin), torch.full_like(peak, float(qmin))
 
 
 def attention_reference(

@@ -19,7 +19,7 @@ from lowbit.ir.annotations import LAYER_KEY
 from lowbit.ir.ops import REFERENCES
 from lowbit.ir.params import PARAMS
 
-__all__ = ["Chooser", "Fallback", "TranslationReport", "translate"]
+__all__ = ["Chooser", "Fallback", "TranslationReport", "node_dtype", "node_shape", "translate"]
 
 Chooser = Callable[[torch.fx.Node], tuple[Callable, str | None]]
 
@@ -55,6 +55,24 @@ class TranslationReport:
         return text
 
 
+def _value(node: object) -> torch.Tensor | None:
+    """The fake tensor a graph node computes (``val`` in lowbit's and aot graphs, ``example_value`` in
+    dynamo's), None for a constant or a node without one."""
+    value = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def node_shape(node: object) -> tuple[int, ...] | None:
+    value = _value(node)
+    return None if value is None else tuple(value.shape)
+
+
+def node_dtype(node: object) -> torch.dtype:
+    """The dtype a graph node computes (float32 where its fake value is unknown)."""
+    value = _value(node)
+    return torch.float32 if value is None else value.dtype
+
+
 def _layer(node: torch.fx.Node) -> str:
     """The lowbit layer a node came from: its annotation, or (in a dynamo graph, which has no
     lowbit meta) the name of the first ``lowbit_params`` buffer it reads."""
@@ -70,21 +88,22 @@ def _layer(node: torch.fx.Node) -> str:
 
 
 def translate(gm: torch.fx.GraphModule, target: str, table: dict[object, Chooser]) -> TranslationReport:
-    """Retarget every ``torch.ops.lowbit`` node of ``gm`` in place; returns the report."""
+    """Retarget every ``torch.ops.lowbit`` node of ``gm`` in place; returns the report. Every node's
+    form is chosen before any is retargeted, so a chooser reads its inputs as lowbit ops."""
     report = TranslationReport(target)
+    chosen = []
     for node in gm.graph.nodes:
         if node.op != "call_function" or node.target not in REFERENCES:
             continue
         op = node.target._opname
         report.found[op] += 1
-        if node.target in table:
-            fn, reason = table[node.target](node)
-        else:
-            fn, reason = REFERENCES[node.target], None
+        fn, reason = table[node.target](node) if node.target in table else (REFERENCES[node.target], None)
         if reason is not None:
             report.fallbacks.append(Fallback(node.name, op, _layer(node), reason))
         elif fn is not REFERENCES[node.target]:
             report.lowered[op] += 1
+        chosen.append((node, fn))
+    for node, fn in chosen:
         node.target = fn
     gm.recompile()
     return report

@@ -28,6 +28,7 @@ from lowbit.kernels.group_gemm import GroupedWeight, group_gemm, prepare_grouped
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.log2_attention import log2_attention
 from lowbit.kernels.quantize_activation import quantize_dynamic, quantize_static
+from lowbit.lowering.translate import node_shape
 from lowbit.lowering.windowed_attention import GPU_TILE, windowed_attention_form
 from lowbit.lowering.cpu import CHANNEL_GROUPED, channel_groups, int8_form
 
@@ -146,8 +147,7 @@ def _attention_kernel(**arguments) -> Tensor:
 
 def _attention(node: torch.fx.Node) -> tuple[Callable, str | None]:
     op = QuantizedAttention.of(node)
-    q = op.q
-    shape = q.meta.get("val", q.meta.get("example_value")).shape if isinstance(q, torch.fx.Node) else ()
+    shape = node_shape(op.q) or ()
     windowed = windowed_attention_form(node, GPU_TILE)
     if windowed is not None:
         return windowed

@@ -34,13 +34,14 @@ from lowbit.ir.attention_window_statistics import key_columns, query_grid, windo
 from lowbit.ir.attention_windows import WINDOW_BLOCK
 from lowbit.ir.ops import attention_reference, batch_half
 from lowbit.ir.schema import QuantizedAttention
+from lowbit.lowering.shape_kernels import per_shape
+from lowbit.lowering.translate import node_shape
 
 __all__ = ["CPU_TILE", "GPU_TILE", "flex_kernel", "tile_block_mask", "window_block_mask", "windowed_attention_form"]
 
 CPU_TILE = WINDOW_BLOCK  # 16: fastest, or within 5%, at VAR-d16's and 1024 px's steps (bench/windowed_attention.py)
 GPU_TILE = 128  # FlexAttention's own default on CUDA
 _CACHED_MASKS = 256
-_SHAPES_PER_KERNEL = 64  # a VAR compiles one kernel per scale with windows (2K: 13 scales)
 
 
 def tile_block_mask(partial: Tensor, full: Tensor, tile: int, queries: int, keys: int,
@@ -109,7 +110,7 @@ def _flex_call(q: Tensor, k: Tensor, v: Tensor, block_mask: BlockMask, scale: fl
     return flex_attention(q, k, v, block_mask=block_mask, scale=scale)
 
 
-flex_kernel = torch.compile(_flex_call, dynamic=False)  # one kernel per static shape
+flex_kernel = per_shape(_flex_call)
 _masks: OrderedDict[tuple, BlockMask] = OrderedDict()
 
 
@@ -135,8 +136,7 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window_wid
         out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     else:
         mask = _block_mask(window_widths, window_lengths, q.shape[-2], k.shape[-2], tile, q.device)
-        with torch._dynamo.config.patch(recompile_limit=_SHAPES_PER_KERNEL):
-            out = flex_kernel(q, k, v, mask, scale)
+        out = flex_kernel(q, k, v, mask, scale)
     return torch.cat([out, out]) if shared_half >= 0 else out.contiguous()  # flex's own layout is (b, q, h, d)
 
 
@@ -154,11 +154,6 @@ def _flex_form(tile: int) -> Callable:
     return run
 
 
-def _rank(node: object) -> int | None:
-    value = node.meta.get("val", node.meta.get("example_value")) if isinstance(node, torch.fx.Node) else None
-    return value.dim() if isinstance(value, torch.Tensor) else None
-
-
 def windowed_attention_form(node: torch.fx.Node, tile: int) -> tuple[Callable, str | None] | None:
     """The FlexAttention form of a windowed attention node with ``tile``² tiles, the reference with the
     reason it has none, or None when the node has no windows (the target decides)."""
@@ -169,6 +164,7 @@ def windowed_attention_form(node: torch.fx.Node, tile: int) -> tuple[Callable, s
         return attention_reference, f"windows with {op.probs_scheme}-quantized probabilities: FlexAttention's softmax is not quantized"
     if op.attn_mask is not None:
         return attention_reference, "windows and an attention mask: the FlexAttention form takes the windows only"
-    if _rank(op.q) != 4:
-        return attention_reference, f"windows on q of rank {_rank(op.q)}: FlexAttention takes (batch, heads, tokens, dim)"
+    rank = len(node_shape(op.q) or ())
+    if rank != 4:
+        return attention_reference, f"windows on q of rank {rank}: FlexAttention takes (batch, heads, tokens, dim)"
     return _flex_form(tile), None

@@ -1,0 +1,257 @@
+// Quantized attention on integer codes, one block of query rows at a time, on the CPU's bf16 matrix
+// units (AMX / AVX512-BF16, through ATen's brgemm).
+//
+// q, k and v arrive before their quantizers, with the quantizers' grids; the kernel quantizes them to
+// their codes c - z (at most 255 in magnitude, exact in bf16), so both products are integer sums,
+// exact in the float32 accumulators of a bf16 GEMM:
+//   logits[i, j] = scale * s_q[i] * s_k[j] * sum_d q[i, d] k[j, d]
+//   out[i]       = s_v * s_p * sum_j P[i, j] v[j]  (+ the start-token column in full precision)
+// where P holds the probability codes: c - z on a uniform grid, 2^-c on a log2 grid (both exact in
+// bf16). Per block of query rows the logits, the softmax and the quantizer stay in cache: no L x L
+// matrix is written. The arithmetic is lowbit.quantized_attention's (lowbit/ir/ops.py).
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+#include <ATen/native/CPUBlas.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using at::BFloat16;
+using Vec = at::vec::Vectorized<float>;
+namespace blas = at::native::cpublas;
+
+constexpr int64_t kLogitBytes = 512 * 1024;  // a block of query rows' logits, kept in L2
+constexpr int64_t kKeys = 512;    // keys per P V GEMM call
+constexpr int64_t kColumns = 64;  // columns per packed block of a B operand, as the brgemm kernels take them
+constexpr int64_t kValueColumns = 16;  // value dims are padded to a multiple of this
+constexpr int64_t kSkew = 32;     // row padding of the block buffers: a power-of-two row stride thrashes the cache
+constexpr float kTiny = 1e-30f;   // lowbit.ir.ops.TINY
+
+int64_t round_up(int64_t n, int64_t multiple) { return (n + multiple - 1) / multiple * multiple; }
+
+// A (B, H, L, ...) tensor's row `row` of head t = b * H + h, through its strides (broadcast views included).
+struct Rows {
+  const float* data;
+  int64_t heads, batch_stride, head_stride, row_stride;
+
+  explicit Rows(const at::Tensor& x)
+      : data(x.data_ptr<float>()), heads(x.size(1)), batch_stride(x.stride(0)), head_stride(x.stride(1)), row_stride(x.stride(2)) {}
+  const float* at(int64_t t, int64_t row = 0) const {
+    return data + (t / heads) * batch_stride + (t % heads) * head_stride + row * row_stride;
+  }
+};
+
+// An operand before its quantizer: values x [B, H, L, D], the scale and zero point of each row [B, H, L], the grid.
+struct Operand {
+  Rows x, scale, zero_point;
+  float qmin, qmax;
+
+  // The codes clamp(round(x / s) + z, qmin, qmax) - z of head t's `rows` rows of `cols` values into the
+  // rows of out (row stride ld).
+  void codes(int64_t t, int64_t rows, int64_t cols, BFloat16* out, int64_t ld) const {
+    std::vector<float> value(cols);
+    for (int64_t r = 0; r < rows; ++r) {
+      const Vec s(*scale.at(t, r)), z(*zero_point.at(t, r));
+      const float* row = x.at(t, r);
+      auto quantize = [&](Vec v) { return at::vec::clamp((v / s).round() + z, Vec(qmin), Vec(qmax)) - z; };
+      int64_t c = 0;
+      for (; c + Vec::size() <= cols; c += Vec::size()) quantize(Vec::loadu(row + c)).store(value.data() + c);
+      if (c < cols) quantize(Vec::loadu(row + c, cols - c)).store(value.data() + c, cols - c);
+      at::vec::convert(value.data(), out + r * ld, cols);
+    }
+  }
+};
+
+// The width of the packed column block starting at column b of n (n a multiple of kValueColumns).
+int64_t block_width(int64_t b, int64_t n) { return std::min(kColumns, n - b); }
+
+// A B operand [K, N] (row stride ld) in the VNNI layout brgemm reads: blocks of up to 64 columns one after another.
+void pack_columns(const BFloat16* in, BFloat16* out, int64_t k, int64_t n, int64_t ld) {
+  for (int64_t b = 0; b < n; b += kColumns) {
+    const int64_t width = block_width(b, n);
+    blas::pack(k, width, ld, width, at::kBFloat16, at::kBFloat16, in + b, out + b * k);
+  }
+}
+
+// row[j] <- exp(logit_j - max logit) with logit_j = row[j] * row_factor * cols[j] (cols null: one key scale,
+// folded into row_factor > 0, so the largest logit is the largest product); returns the sum (softmax's denominator).
+float exponentials(float* row, const float* cols, float row_factor, int64_t keys) {
+  const int64_t whole = keys - keys % Vec::size();
+  const Vec factor(row_factor);
+  if (cols) {
+    for (int64_t j = 0; j < whole; j += Vec::size()) (Vec::loadu(row + j) * factor * Vec::loadu(cols + j)).store(row + j);
+    for (int64_t j = whole; j < keys; ++j) row[j] = row[j] * row_factor * cols[j];
+  }
+  const float scale = cols ? 1.0f : row_factor;  // what turns row[j] into logit_j now
+  const Vec scaled(scale);
+  Vec peak_vec(-std::numeric_limits<float>::infinity());
+  for (int64_t j = 0; j < whole; j += Vec::size()) peak_vec = at::vec::maximum(peak_vec, Vec::loadu(row + j));
+  float peak = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, peak_vec);
+  for (int64_t j = whole; j < keys; ++j) peak = std::max(peak, row[j]);
+  Vec total_vec(0.0f);
+  for (int64_t j = 0; j < whole; j += Vec::size()) {
+    Vec e = ((Vec::loadu(row + j) - Vec(peak)) * scaled).exp_u20();
+    e.store(row + j);
+    total_vec = total_vec + e;
+  }
+  float total = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total_vec);
+  for (int64_t j = whole; j < keys; ++j) {
+    row[j] = std::exp((row[j] - peak) * scale);
+    total += row[j];
+  }
+  return total;
+}
+
+// The probability grid: uniform codes c - z, or log2 codes as the values 2^-c (s_p is applied after the GEMM).
+struct Grid {
+  bool log2;
+  float scale, zero_point, qmin, qmax;
+
+  // The code of p = x * inv with inv = 1 / (softmax denominator * s_p), i.e. of p / s_p.
+  Vec quantize(Vec x, Vec inv) const {
+    if (log2) {
+      Vec c = at::vec::clamp(at::vec::maximum(x * inv, Vec(kTiny)).log2().neg().round(), Vec(0.0f), Vec(qmax));
+      return c.neg().exp2();
+    }
+    return at::vec::clamp((x * inv).round() + Vec(zero_point), Vec(qmin), Vec(qmax)) - Vec(zero_point);
+  }
+
+  // out[j] <- the code of row[j] / total.
+  void codes(const float* row, float total, BFloat16* out, int64_t keys) const {
+    const Vec inv(1.0f / (total * scale));
+    constexpr int64_t step = 2 * Vec::size();
+    int64_t j = 0;
+    for (; j + step <= keys; j += step) {
+      at::vec::convert_from_float<BFloat16>(quantize(Vec::loadu(row + j), inv), quantize(Vec::loadu(row + j + Vec::size()), inv))
+          .store(out + j);
+    }
+    if (j < keys) {  // the tail, through a full-width buffer
+      float tail[step] = {};
+      std::copy(row + j, row + keys, tail);
+      at::vec::convert_from_float<BFloat16>(quantize(Vec::loadu(tail), inv), quantize(Vec::loadu(tail + Vec::size()), inv))
+          .store(out + j, keys - j);
+    }
+  }
+};
+
+at::Tensor integer_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& q_scale,
+                             const at::Tensor& q_zero_point, const at::Tensor& k_scale, const at::Tensor& k_zero_point,
+                             const at::Tensor& v_scale, const at::Tensor& v_zero_point, at::IntArrayRef grids, double scale,
+                             double probs_scale, double probs_zero_point, bool log2_grid, int64_t probs_qmin,
+                             int64_t probs_qmax, int64_t start_token) {
+  // q [B, H, Lq, D], k [B, H, Lk, D], v [B, H, Lk, Dv] float32 before their quantizers (any strides but the
+  // last); their scales and zero points [B, H, L] (broadcast views allowed; v's one value); grids: the
+  // (qmin, qmax) of q, k and v. Returns [B, Lq, H, Dv].
+  TORCH_CHECK(q.dim() == 4 && k.dim() == 4 && v.dim() == 4 && grids.size() == 6, "integer_attention: bad arguments");
+  for (const at::Tensor* x : {&q, &k, &v, &q_scale, &q_zero_point, &k_scale, &k_zero_point, &v_scale, &v_zero_point}) {
+    TORCH_CHECK(x->scalar_type() == at::kFloat, "integer_attention takes float32");
+  }
+  auto last_contiguous = [](const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); };
+  auto rows_of = [](const at::Tensor& x) { return Rows(x.unsqueeze(-1)); };
+  const Operand qo{Rows(last_contiguous(q)), rows_of(q_scale), rows_of(q_zero_point), float(grids[0]), float(grids[1])};
+  const Operand ko{Rows(last_contiguous(k)), rows_of(k_scale), rows_of(k_zero_point), float(grids[2]), float(grids[3])};
+  const Operand vo{Rows(last_contiguous(v)), rows_of(v_scale), rows_of(v_zero_point), float(grids[4]), float(grids[5])};
+  const int64_t heads = q.size(0) * q.size(1), queries = q.size(2), dim = q.size(3), keys = k.size(2), vdim = v.size(3);
+  const int64_t qk_dim = round_up(dim, 2), padded = round_up(keys, kColumns), vdim_padded = round_up(vdim, kValueColumns);
+  const bool one_key_scale = k_scale.stride(0) == 0 && k_scale.stride(1) == 0 && k_scale.stride(2) == 0;
+  const float v_step = *vo.scale.at(0);
+  auto bf16 = q.options().dtype(at::kBFloat16);
+  auto q_codes = at::zeros({heads, queries, qk_dim}, bf16), k_codes = at::zeros({heads, padded, qk_dim}, bf16);
+  auto v_codes = at::zeros({heads, padded, vdim_padded}, bf16);
+  BFloat16 *qc = q_codes.data_ptr<BFloat16>(), *kc = k_codes.data_ptr<BFloat16>(), *vc = v_codes.data_ptr<BFloat16>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      qo.codes(t, queries, dim, qc + t * queries * qk_dim, qk_dim);
+      ko.codes(t, keys, dim, kc + t * padded * qk_dim, qk_dim);
+      vo.codes(t, keys, vdim, vc + t * padded * vdim_padded, vdim_padded);
+    }
+  });
+  auto kT_codes = k_codes.transpose(1, 2).contiguous();  // q kᵀ's B operand [D, Lk]
+  auto k_packed = at::empty_like(kT_codes), v_packed = at::empty_like(v_codes);
+  BFloat16 *kt = kT_codes.data_ptr<BFloat16>(), *kpp = k_packed.data_ptr<BFloat16>(), *vpp = v_packed.data_ptr<BFloat16>();
+  at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      pack_columns(kt + t * qk_dim * padded, kpp + t * qk_dim * padded, qk_dim, padded, padded);
+      for (int64_t c = 0; c < padded; c += kKeys) {
+        const int64_t at = (t * padded + c) * vdim_padded;
+        pack_columns(vc + at, vpp + at, std::min(kKeys, padded - c), vdim_padded, vdim_padded);
+      }
+    }
+  });
+  auto cols = one_key_scale ? at::Tensor() : at::zeros({heads, padded}, q.options());
+  if (!one_key_scale) cols.narrow(1, 0, keys).view({q.size(0), q.size(1), keys}).copy_(k_scale.expand({q.size(0), q.size(1), keys}));
+  const float* colp = one_key_scale ? nullptr : cols.data_ptr<float>();
+  auto out = at::empty({q.size(0), queries, q.size(1), vdim}, q.options());  // tokens before heads: the layout
+  float* outp = out.data_ptr<float>();                                         // the output projection reads
+
+  const Grid grid{log2_grid, static_cast<float>(probs_scale), static_cast<float>(probs_zero_point),
+                  static_cast<float>(probs_qmin), static_cast<float>(probs_qmax)};
+  const float out_scale = v_step * static_cast<float>(probs_scale);
+  const int64_t block_rows = std::clamp<int64_t>(kLogitBytes / (padded * 4) / 16 * 16, 16, 128);
+  const int64_t blocks = (queries + block_rows - 1) / block_rows;
+
+  at::parallel_for(0, heads * blocks, 1, [&](int64_t begin, int64_t end) {
+    const int64_t ld = padded + kSkew;
+    std::vector<float> logits(block_rows * ld), acc(block_rows * vdim_padded), start_prob(block_rows);
+    std::vector<BFloat16> probs(block_rows * ld);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t t = task / blocks, row0 = (task % blocks) * block_rows, rows = std::min(block_rows, queries - row0);
+      for (int64_t b = 0; b < padded; b += kColumns) {
+        blas::brgemm(rows, kColumns, qk_dim, qk_dim, kColumns, ld, false, qc + (t * queries + row0) * qk_dim,
+                     kpp + t * qk_dim * padded + b * qk_dim, logits.data() + b);
+      }
+      const float key_factor = one_key_scale ? *ko.scale.at(0) : 1.0f;
+      for (int64_t r = 0; r < rows; ++r) {
+        float* row = logits.data() + r * ld;
+        BFloat16* code = probs.data() + r * ld;
+        const float row_factor = static_cast<float>(scale) * *qo.scale.at(t, row0 + r) * key_factor;
+        const float total = exponentials(row, colp ? colp + t * padded : nullptr, row_factor, keys);
+        if (start_token >= 0) start_prob[r] = row[start_token] / total;
+        grid.codes(row, total, code, keys);
+        std::fill(code + keys, code + padded, static_cast<BFloat16>(0.0f));
+        if (start_token >= 0) code[start_token] = static_cast<BFloat16>(0.0f);
+      }
+      for (int64_t c = 0; c < padded; c += kKeys) {
+        const int64_t n = std::min(kKeys, padded - c);
+        const BFloat16* v_chunk = vpp + (t * padded + c) * vdim_padded;
+        for (int64_t b = 0; b < vdim_padded; b += kColumns) {
+          const int64_t width = block_width(b, vdim_padded);
+          blas::brgemm(rows, width, n, ld, width, vdim_padded, c > 0, probs.data() + c, v_chunk + b * n, acc.data() + b);
+        }
+      }
+      const BFloat16* v_start = vc + (t * padded + std::max<int64_t>(start_token, 0)) * vdim_padded;  // its codes
+      for (int64_t r = 0; r < rows; ++r) {
+        float* o = outp + (((t / q.size(1)) * queries + row0 + r) * q.size(1) + t % q.size(1)) * vdim;
+        for (int64_t d = 0; d < vdim; ++d) {
+          const float start = start_token >= 0 ? start_prob[r] * (static_cast<float>(v_start[d]) * v_step) : 0.0f;
+          o[d] = acc[r * vdim_padded + d] * out_scale + start;
+        }
+      }
+    }
+    blas::brgemm_release();
+  });
+  return out;
+}
+
+bool available() { return blas::could_pack(at::kBFloat16); }
+
+}  // namespace
+
+TORCH_LIBRARY(lowbit_native, m) {
+  m.def("integer_attention(Tensor q, Tensor k, Tensor v, Tensor q_scale, Tensor q_zero_point, Tensor k_scale, "
+        "Tensor k_zero_point, Tensor v_scale, Tensor v_zero_point, int[] grids, float scale, float probs_scale, "
+        "float probs_zero_point, bool log2_grid, int probs_qmin, int probs_qmax, int start_token) -> Tensor");
+  m.def("available() -> bool");
+}
+
+TORCH_LIBRARY_IMPL(lowbit_native, CPU, m) { m.impl("integer_attention", &integer_attention); }
+
+TORCH_LIBRARY_IMPL(lowbit_native, CompositeExplicitAutograd, m) { m.impl("available", &available); }
