@@ -5,14 +5,15 @@ attention products is an integer code times a scale: (c - z) fits in [-255, 255]
 exactly, and a bf16 GEMM accumulates in float32, exactly while the sums stay below 2^24 (q kᵀ: head
 dim x 255² < 2^24 up to 258 dims; P V rounds past 2^24 like the float32 reference). So the kernel
 (``csrc/integer_attention.cpp``) multiplies the codes on the bf16 units and applies the scales
-after, computing what ``lowbit.quantized_attention`` computes, block by block of 32 query rows with
+after, computing what ``lowbit.quantized_attention`` computes, block by block of query rows with
 the logits, the softmax and the quantizer in cache. It needs ATen's bf16 brgemm (AMX or
 AVX512-BF16) and is compiled for the host on first use (``torch.utils.cpp_extension``).
 
-The codes are recovered from the fake-quantized values the graph hands over: with x = (c - z) s
-in float32, round(x / s) is c - z exactly. Scales may be per tensor or per token for q and k
-(they factor out of each row and column of q kᵀ); v needs one scale (a per-token v scale would
-weight the probabilities unevenly, off the grid).
+The graph hands the kernel q, k and v before their ``fake_quant`` nodes, with those quantizers'
+parameters, and the kernel computes the codes itself (the fake quantizers, left unread, are dropped
+by inductor). Scales may be per tensor or per token for q and k (they factor out of each row and
+column of q kᵀ); v needs one scale (a per-token v scale would weight the probabilities unevenly,
+off the grid).
 """
 
 from __future__ import annotations

@@ -32,10 +32,12 @@ from lowbit.ir.ops import attention_probs, attention_reference, batch_half, prob
 from lowbit.ir.schema import QuantizedAttention
 from lowbit.lowering.integer_attention import integer_attention_form
 from lowbit.lowering.shape_kernels import per_shape
+from lowbit.lowering.translate import node_shape
 
-__all__ = ["TILE_SCORES", "tiled_attention", "tiled_attention_form"]
+__all__ = ["INLINE_SCORES", "TILE_SCORES", "tiled_attention", "tiled_attention_form"]
 
 TILE_SCORES = 1 << 22  # scores per tile: 16 MiB of float32, a working set the last-level cache holds
+INLINE_SCORES = 1 << 17  # at most this many scores, a call runs the reference inline (bench/attention_cpu.py)
 
 
 def _tile(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, probs_scale: Tensor,
@@ -111,12 +113,28 @@ def _tiled_form(tile_scores: int) -> Callable:
     return run
 
 
+def _scores(op: QuantizedAttention) -> int | None:
+    """How many scores a call computes, where its shapes are static."""
+    q, k = node_shape(op.q), node_shape(op.k)
+    if q is None or k is None or not all(isinstance(d, int) for d in (*q, *k)):
+        return None
+    return math.prod(q[:-1]) * k[-2]
+
+
 def tiled_attention_form(node: torch.fx.Node, tile_scores: int = TILE_SCORES) -> Callable:
-    """The CPU form of an attention node without windows: SDPA for float probabilities, the integer
-    kernel where it applies (:mod:`lowbit.lowering.integer_attention`), else query tiles."""
+    """The CPU form of an attention node without windows: SDPA for float probabilities; for quantized
+    ones the reference arithmetic inline where the call is small (``INLINE_SCORES``: an opaque op's
+    fixed cost would outweigh it), the integer kernel where it applies
+    (:mod:`lowbit.lowering.integer_attention`), else query tiles (inline when one tile holds all)."""
     op = QuantizedAttention.of(node)
     if op.windowed:
         raise ValueError(f"node '{node.name}' has windows: use windowed_attention_form")
     if not op.quantizes_probs:
         return _float_attention
-    return integer_attention_form(node) or _tiled_form(tile_scores)
+    scores = _scores(op)
+    if scores is not None and scores <= INLINE_SCORES:
+        return attention_reference
+    form = integer_attention_form(node)  # decided last: where it applies, it rewrites the node's arguments
+    if form is not None:
+        return form
+    return attention_reference if scores is not None and scores <= tile_scores else _tiled_form(tile_scores)

@@ -117,7 +117,8 @@ def test_the_integer_form_is_chosen_where_it_is_exact(recipe, chosen):
 
 
 @needs_kernel
-def test_compiled_model_runs_the_integer_kernel():
+def test_compiled_model_runs_the_integer_kernel(monkeypatch):
+    monkeypatch.setattr("lowbit.lowering.tiled_attention.INLINE_SCORES", 0)  # the tiny model's calls are small
     torch._dynamo.reset()
     model = build("pixart")
     calibration = calibration_set("pixart")
@@ -129,3 +130,14 @@ def test_compiled_model_runs_the_integer_kernel():
     assert "lowbit_native::integer_attention" in {event.key for event in profile.key_averages()}
     assert compile_reports()[-1].translation.lowered["quantized_attention"] == len(_attention_nodes(qmodel.graph_module))
     assert _relative(out, eager) < 0.05 * _relative(eager, fp)
+
+
+def test_small_attention_runs_inline():
+    """Below INLINE_SCORES an opaque op's fixed cost outweighs the work: the reference arithmetic is inlined."""
+    torch._dynamo.reset()
+    calibration = calibration_set("pixart")
+    qmodel = lowbit.quantize(build("pixart"), "minmax-w8a8", calibration, progress=False)
+    with torch.no_grad(), torch.profiler.profile() as profile:
+        torch.compile(qmodel, backend="lowbit")(**calibration[1][1])
+    keys = {event.key for event in profile.key_averages()}
+    assert not {"lowbit_native::integer_attention", "lowbit_cpu::tiled_attention"} & keys
