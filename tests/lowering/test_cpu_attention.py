@@ -79,6 +79,21 @@ def test_integer_attention_shares_the_conditional_half():
     torch.testing.assert_close(shared, torch.cat([half, half]))
 
 
+@needs_kernel
+def test_integer_attention_reads_any_layout():
+    """Heads split from tokens (a model's (B, L, H, D) viewed as (B, H, L, D)), and a last dim with a
+    stride (copied inside): the same output as contiguous operands."""
+    g = torch.Generator().manual_seed(4)
+    x = [torch.randn(2, 24, 3, 16, generator=g) for _ in range(3)]
+    params = [p for t in x for p in _quantizer(t, False)]
+    args = ([0, 255] * 3, 0.25, torch.tensor(1 / 255), torch.tensor(0.0), "uniform", 0, 255, 0, -1)
+    contiguous = integer_attention(*(t.transpose(1, 2).contiguous() for t in x), *params, *args)
+    heads_split = integer_attention(*(t.transpose(1, 2) for t in x), *params, *args)
+    strided_last = integer_attention(*(t.transpose(1, 2).transpose(2, 3).contiguous().transpose(2, 3) for t in x), *params, *args)
+    torch.testing.assert_close(heads_split, contiguous, rtol=0, atol=0)
+    torch.testing.assert_close(strided_last, contiguous, rtol=0, atol=0)
+
+
 TILED = {  # mask, scheme, dynamic scale, start token
     "static uniform": (None, "uniform", False, -1),
     "dynamic log2, start token": (None, "log2", True, 0),

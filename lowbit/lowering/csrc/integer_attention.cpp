@@ -155,10 +155,11 @@ at::Tensor integer_attention(const at::Tensor& q, const at::Tensor& k, const at:
     TORCH_CHECK(x->scalar_type() == at::kFloat, "integer_attention takes float32");
   }
   auto last_contiguous = [](const at::Tensor& x) { return x.stride(-1) == 1 ? x : x.contiguous(); };
-  auto rows_of = [](const at::Tensor& x) { return Rows(x.unsqueeze(-1)); };
-  const Operand qo{Rows(last_contiguous(q)), rows_of(q_scale), rows_of(q_zero_point), float(grids[0]), float(grids[1])};
-  const Operand ko{Rows(last_contiguous(k)), rows_of(k_scale), rows_of(k_zero_point), float(grids[2]), float(grids[3])};
-  const Operand vo{Rows(last_contiguous(v)), rows_of(v_scale), rows_of(v_zero_point), float(grids[4]), float(grids[5])};
+  auto rows_of = [](const at::Tensor& x) { return Rows(x.unsqueeze(-1)); };  // a view: x keeps its storage alive
+  const at::Tensor qx = last_contiguous(q), kx = last_contiguous(k), vx = last_contiguous(v);  // alive while Rows read them
+  const Operand qo{Rows(qx), rows_of(q_scale), rows_of(q_zero_point), float(grids[0]), float(grids[1])};
+  const Operand ko{Rows(kx), rows_of(k_scale), rows_of(k_zero_point), float(grids[2]), float(grids[3])};
+  const Operand vo{Rows(vx), rows_of(v_scale), rows_of(v_zero_point), float(grids[4]), float(grids[5])};
   const int64_t heads = q.size(0) * q.size(1), queries = q.size(2), dim = q.size(3), keys = k.size(2), vdim = v.size(3);
   const int64_t qk_dim = round_up(dim, 2), padded = round_up(keys, kColumns), vdim_padded = round_up(vdim, kValueColumns);
   const bool one_key_scale = k_scale.stride(0) == 0 && k_scale.stride(1) == 0 && k_scale.stride(2) == 0;
