@@ -12,7 +12,7 @@ Rounding is round-half-to-even (``torch.round``), as in the official DGQ and Q-D
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +31,7 @@ __all__ = [
     "conv2d_reference",
     "dynamic_params",
     "linear_reference",
+    "on_shared_half",
     "probs_params",
     "probs_peak",
     "quantize_probs",
@@ -220,14 +221,25 @@ def attention_reference(
     q, k, v are (..., heads, tokens, head_dim) as for SDPA; they arrive already quantized by
     their own fake_quant nodes when the recipe quantizes them.
     """
-    if shared_half >= 0:
-        if q.shape[0] % 2:
-            raise ValueError(f"attention shared across CFG needs a batch of two halves; got a batch of {q.shape[0]}")
-        q, k, v, attn_mask = (batch_half(t, q.shape[0], shared_half) for t in (q, k, v, attn_mask))
-    probs = attention_probs(q, k, attn_mask, scale, window_widths, window_lengths)
-    probs = quantize_probs(probs, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token, dynamic_scale)
-    out = torch.matmul(probs.to(v.dtype), v)
-    return torch.cat([out, out]) if shared_half >= 0 else out
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        probs = attention_probs(q, k, attn_mask, scale, window_widths, window_lengths)
+        probs = quantize_probs(probs, probs_scale, probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token, dynamic_scale)
+        return torch.matmul(probs.to(v.dtype), v)
+
+    return on_shared_half(shared_half, (q, k, v, attn_mask), attend)
+
+
+def on_shared_half(shared_half: int, operands: Sequence[Tensor | None], compute: Callable[..., Tensor]) -> Tensor:
+    """``compute(*operands)``; with CFG sharing (``shared_half`` 0 or 1), ``compute`` of that half of the
+    batch, given to both halves. The first operand's and the output's leading dimension is the batch."""
+    if shared_half < 0:
+        return compute(*operands)
+    batch = operands[0].shape[0]
+    if batch % 2:
+        raise ValueError(f"attention shared across CFG needs a batch of two halves; got a batch of {batch}")
+    out = compute(*(batch_half(t, batch, shared_half) for t in operands))
+    return torch.cat([out, out])
 
 
 def batch_half(t: Tensor | None, batch: int, half: int) -> Tensor | None:

@@ -59,6 +59,13 @@ def _code_dtype(qmin: int, qmax: int) -> torch.dtype | None:
     return torch.int8 if -128 <= qmin and qmax <= 127 else None
 
 
+def _fused_call_takes(scale_shape: tuple[int, ...] | None, qmin: int, qmax: int) -> bool:
+    """Whether oneDNN's fused call takes an input: one scale, a grid an 8-bit type holds (and a PyTorch
+    built with oneDNN)."""
+    return (scale_shape is not None and all(d == 1 for d in scale_shape) and _code_dtype(qmin, qmax) is not None
+            and torch.backends.mkldnn.is_available())
+
+
 def _codes(x: Tensor, scale: Tensor, zero_point: Tensor, qmin: int, qmax: int) -> Tensor:
     return torch.clamp(torch.round(x.float() / scale) + zero_point, qmin, qmax).to(_code_dtype(qmin, qmax))
 
@@ -73,7 +80,7 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     or per row (shifted codes, the zero point and scales applied in an epilogue inductor fuses)."""
     qmin, qmax = input_qmin, input_qmax
     zero_point = _zero_point(input_zero_point, input_scale)
-    if input_scale.numel() == 1 and _code_dtype(qmin, qmax) is not None and torch.backends.mkldnn.is_available():
+    if _fused_call_takes(tuple(input_scale.shape), qmin, qmax):
         codes = _codes(x, input_scale, zero_point, qmin, qmax)
         return quantized_matmul(codes, input_scale, zero_point, weight, weight_scale, bias).to(x.dtype)
     k = x.shape[-1]
@@ -176,9 +183,7 @@ def int8_form(node: torch.fx.Node) -> str | None:
 def _one_scale_int8(node: torch.fx.Node) -> bool:
     """Whether a ``quantized_linear`` node takes the fused oneDNN call: one input scale, an 8-bit grid."""
     op = QuantizedLinear.of(node)
-    scale = node_shape(op.input_scale)
-    return (int8_form(node) is None and scale is not None and all(d == 1 for d in scale)
-            and _code_dtype(op.input_qmin, op.input_qmax) is not None and torch.backends.mkldnn.is_available())
+    return int8_form(node) is None and _fused_call_takes(node_shape(op.input_scale), op.input_qmin, op.input_qmax)
 
 
 def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -231,20 +236,19 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
     if _one_scale_int8(node):
         codes_input = node.meta.get(_CODES_INPUT, False)
         chain = _gelu_chain(node)
-        if chain is not None and not _hoist([QuantizedLinear.of(chain[1]).input_scale, QuantizedLinear.of(chain[1]).input_zero_point], node):
-            chain = None
-        if chain is None:
-            return (_chained_linear(node_dtype(node), True) if codes_input else int8_linear), None
-        (gelu, *dropouts), following = chain
-        after = QuantizedLinear.of(following)
-        node.update_kwarg("output_scale", after.input_scale)
-        node.update_kwarg("output_zero_point", after.input_zero_point)
-        node.update_kwarg("output_grid", (after.input_qmin, after.input_qmax))
-        approximate = gelu.kwargs.get("approximate", gelu.args[1] if len(gelu.args) > 1 else "none")
-        for passed in (gelu, *dropouts):
-            passed.target = _passthrough
-        following.meta[_CODES_INPUT] = True
-        return _chained_linear(node_dtype(node), codes_input, approximate), None
+        if chain is not None:
+            (gelu, *dropouts), following = chain
+            after = QuantizedLinear.of(following)
+            if _hoist([after.input_scale, after.input_zero_point], node):
+                node.update_kwarg("output_scale", after.input_scale)
+                node.update_kwarg("output_zero_point", after.input_zero_point)
+                node.update_kwarg("output_grid", (after.input_qmin, after.input_qmax))
+                approximate = gelu.kwargs.get("approximate", gelu.args[1] if len(gelu.args) > 1 else "none")
+                for passed in (gelu, *dropouts):
+                    passed.target = _passthrough
+                following.meta[_CODES_INPUT] = True
+                return _chained_linear(node_dtype(node), codes_input, approximate), None
+        return (_chained_linear(node_dtype(node), True) if codes_input else int8_linear), None
     reason = int8_form(node)
     if reason is None:
         return int8_linear, None
@@ -264,9 +268,7 @@ def _conv(**arguments) -> Tensor:
 def _conv2d(node: torch.fx.Node) -> tuple[Callable, str | None]:
     """oneDNN's int8 convolution for an input with one scale on an 8-bit grid, else the reference (inductor's)."""
     op = QuantizedConv2d.of(node)
-    scale = node_shape(op.input_scale)
-    if (scale is None or any(d != 1 for d in scale) or _code_dtype(op.input_qmin, op.input_qmax) is None
-            or len(node_shape(op.x) or ()) != 4 or not torch.backends.mkldnn.is_available()):
+    if not _fused_call_takes(node_shape(op.input_scale), op.input_qmin, op.input_qmax) or len(node_shape(op.x) or ()) != 4:
         return conv2d_reference, None
     return _conv, None
 

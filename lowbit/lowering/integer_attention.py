@@ -28,7 +28,7 @@ import torch
 import torch.fx
 from torch import Tensor
 
-from lowbit.ir.ops import batch_half
+from lowbit.ir.ops import on_shared_half
 from lowbit.ir.schema import FakeQuant, QuantizedAttention
 from lowbit.lowering.translate import node_shape
 
@@ -70,16 +70,15 @@ def integer_attention(q: Tensor, k: Tensor, v: Tensor, q_scale: Tensor, q_zero_p
     (scale and zero point per tensor or per token, v per tensor; ``grids`` their (qmin, qmax)), with
     static probability quantization, no mask and no windows, on integer codes; the output is (batch,
     tokens, heads, dim), the layout the output projection reads (the graph transposes it back as a view)."""
-    operands = [q, k, v, q_scale, q_zero_point, k_scale, k_zero_point, v_scale, v_zero_point]
-    if shared_half >= 0:
-        operands = [batch_half(t, q.shape[0], shared_half) for t in operands]
-    q, k, v, *params = operands
-    rows = [_per_row(param, x.shape) for param, x in zip(params, (q, q, k, k, v, v))]
     zero_point = 0.0 if probs_zero_point is None else float(probs_zero_point)
-    out = torch.ops.lowbit_native.integer_attention(
-        q.float(), k.float(), v.float(), *rows, grids, scale, float(probs_scale), zero_point, probs_scheme == "log2",
-        probs_qmin, probs_qmax, start_token).to(q.dtype)
-    return torch.cat([out, out]) if shared_half >= 0 else out
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, *params: Tensor) -> Tensor:
+        rows = [_per_row(param, x.shape) for param, x in zip(params, (q, q, k, k, v, v))]
+        return torch.ops.lowbit_native.integer_attention(
+            q.float(), k.float(), v.float(), *rows, grids, scale, float(probs_scale), zero_point, probs_scheme == "log2",
+            probs_qmin, probs_qmax, start_token).to(q.dtype)
+
+    return on_shared_half(shared_half, (q, k, v, q_scale, q_zero_point, k_scale, k_zero_point, v_scale, v_zero_point), attend)
 
 
 @integer_attention.register_fake

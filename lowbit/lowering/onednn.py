@@ -8,34 +8,45 @@ version). Where PyTorch was built without oneDNN, ``int8_matmul`` falls back to 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 __all__ = ["int8_matmul", "quantized_conv2d", "quantized_matmul"]
 
-_PACKED: "WeakIdKeyDictionary[Tensor, tuple[int, Tensor, Tensor]]" = WeakIdKeyDictionary()
+_PACKED: "WeakIdKeyDictionary[Tensor, _Packed]" = WeakIdKeyDictionary()
 
 
-def _packed(weight: Tensor, pack=lambda w: torch.ops.onednn.qlinear_prepack(w, None)) -> tuple[Tensor, Tensor]:
-    """oneDNN's blocked copy of an int8 weight (``pack``: a linear's [N, K] by default) and unit scales
-    for its rows, made once per weight version."""
-    version, packed, ones = _PACKED.get(weight, (-1, None, None))
-    if version != weight._version:
-        packed, ones = pack(weight), torch.ones(weight.shape[0])
-        _PACKED[weight] = (weight._version, packed, ones)
-    return packed, ones
+@dataclass(frozen=True)
+class _Packed:
+    """What oneDNN's calls take for one int8 weight, made once per weight version: its blocked copy, and
+    a zero point (0) and a unit scale per output channel."""
+
+    version: int
+    weight: Tensor
+    zero_points: Tensor
+    unit_scales: Tensor
+
+
+def _packed(weight: Tensor, pack=lambda w: torch.ops.onednn.qlinear_prepack(w, None)) -> _Packed:
+    """The packed form of an int8 weight (``pack``: a linear's [N, K] by default)."""
+    packed = _PACKED.get(weight)
+    if packed is None or packed.version != weight._version:
+        rows = weight.shape[0]
+        packed = _PACKED[weight] = _Packed(weight._version, pack(weight), torch.zeros(rows, dtype=torch.long), torch.ones(rows))
+    return packed
 
 
 def _qlinear(codes: Tensor, scale: Tensor, zero_point: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None,
              gelu: str | None = None, output_scale: float = 1.0, output_zero_point: int = 0,
              output_dtype: torch.dtype = torch.float32) -> Tensor:
-    packed, _ = _packed(weight)
+    packed = _packed(weight)
     post_op, algorithm = ("gelu", gelu) if gelu is not None else ("none", "")
     return torch.ops.onednn.qlinear_pointwise.tensor(
-        codes, scale.float().reshape(()), zero_point.long().reshape(()), packed, weight_scale.float().reshape(-1),
-        torch.zeros(weight.shape[0], dtype=torch.long), bias, output_scale, output_zero_point, output_dtype, post_op, [None],
-        algorithm)
+        codes, scale.float().reshape(()), zero_point.long().reshape(()), packed.weight, weight_scale.float().reshape(-1),
+        packed.zero_points, bias, output_scale, output_zero_point, output_dtype, post_op, [None], algorithm)
 
 
 @torch.library.custom_op("lowbit_cpu::int8_matmul", mutates_args=())
@@ -43,8 +54,7 @@ def int8_matmul(codes: Tensor, weight: Tensor) -> Tensor:
     """sum_k codes[m, k] * weight[n, k] of int8 codes [M, K] and an int8 weight [N, K], as float32."""
     if not torch.backends.mkldnn.is_available():
         return torch._int_mm(codes, weight.t()).float()
-    _, ones = _packed(weight)
-    return _qlinear(codes, torch.ones(()), torch.zeros(()), weight, ones, None)
+    return _qlinear(codes, torch.ones(()), torch.zeros(()), weight, _packed(weight).unit_scales, None)
 
 
 @int8_matmul.register_fake
@@ -80,12 +90,11 @@ def quantized_conv2d(codes: Tensor, scale: Tensor, zero_point: Tensor, weight: T
     """conv2d(scale (codes - zero_point), weight_scale weight) + bias in float32 (channels-last, oneDNN's
     layout), one oneDNN call: codes (N, C, H, W) uint8 or int8 with one scale and zero point, the int8
     weight with one scale per output channel."""
-    packed, _ = _packed(weight, lambda w: torch.ops.onednn.qconv_prepack(w, weight_scale.float().reshape(-1), 1.0, 0, stride,
-                                                                          padding, dilation, groups, None))
+    packed = _packed(weight, lambda w: torch.ops.onednn.qconv_prepack(w, weight_scale.float().reshape(-1), 1.0, 0, stride,
+                                                                       padding, dilation, groups, None))
     out = torch.ops.onednn.qconv2d_pointwise.tensor(
-        codes, scale.float().reshape(()), zero_point.long().reshape(()), packed, weight_scale.float().reshape(-1),
-        torch.zeros(weight.shape[0], dtype=torch.long), bias, stride, padding, dilation, groups, 1.0, 0, torch.float32, "none",
-        [], "")
+        codes, scale.float().reshape(()), zero_point.long().reshape(()), packed.weight, weight_scale.float().reshape(-1),
+        packed.zero_points, bias, stride, padding, dilation, groups, 1.0, 0, torch.float32, "none", [], "")
     return out.contiguous(memory_format=torch.channels_last)
 
 

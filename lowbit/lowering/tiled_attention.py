@@ -28,7 +28,7 @@ import torch.fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from lowbit.ir.ops import attention_probs, attention_reference, batch_half, probs_params, probs_peak
+from lowbit.ir.ops import attention_probs, attention_reference, on_shared_half, probs_params, probs_peak
 from lowbit.ir.schema import QuantizedAttention
 from lowbit.lowering.integer_attention import integer_attention_form
 from lowbit.lowering.shape_kernels import per_shape
@@ -74,18 +74,20 @@ def tiled_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, s
                     dynamic_scale: bool, shared_half: int, tile_scores: int) -> Tensor:
     """``lowbit.quantized_attention`` (quantized probabilities, no windows) computed ``tile_scores``
     scores at a time."""
-    if shared_half >= 0:
-        q, k, v, attn_mask = (batch_half(t, q.shape[0], shared_half) for t in (q, k, v, attn_mask))
-    tiles = _row_tiles(q, k, tile_scores)
-    k = k.transpose(-2, -1).contiguous().transpose(-2, -1)  # kᵀ laid out once, not copied again by every tile
-    queries = q.shape[-2]
-    if dynamic_scale:
-        peak = torch.stack([_peak_kernel(q[..., rows, :], k, _mask_rows(attn_mask, rows, queries), scale, start_token)
-                            for rows in tiles]).amax()
-        probs_scale, probs_zero_point = probs_params(peak, probs_scheme, probs_qmin, probs_qmax)
-    out = torch.cat([_tile_kernel(q[..., rows, :], k, v, _mask_rows(attn_mask, rows, queries), scale, probs_scale,
-                                  probs_zero_point, probs_scheme, probs_qmin, probs_qmax, start_token) for rows in tiles], dim=-2)
-    return torch.cat([out, out]) if shared_half >= 0 else out
+
+    def attend(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None) -> Tensor:
+        tiles = _row_tiles(q, k, tile_scores)
+        k = k.transpose(-2, -1).contiguous().transpose(-2, -1)  # kᵀ laid out once, not copied again by every tile
+        queries = q.shape[-2]
+        probs = (probs_scale, probs_zero_point)
+        if dynamic_scale:
+            peak = torch.stack([_peak_kernel(q[..., rows, :], k, _mask_rows(attn_mask, rows, queries), scale, start_token)
+                                for rows in tiles]).amax()
+            probs = probs_params(peak, probs_scheme, probs_qmin, probs_qmax)
+        return torch.cat([_tile_kernel(q[..., rows, :], k, v, _mask_rows(attn_mask, rows, queries), scale, *probs, probs_scheme,
+                                       probs_qmin, probs_qmax, start_token) for rows in tiles], dim=-2)
+
+    return on_shared_half(shared_half, (q, k, v, attn_mask), attend)
 
 
 @tiled_attention.register_fake
@@ -97,10 +99,8 @@ def _(q, k, v, attn_mask, scale, probs_scale, probs_zero_point, probs_scheme, pr
 def _float_attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None, scale: float, shared_half: int = -1,
                      **unused) -> Tensor:
     """Probabilities in floating point: SDPA (the flash kernel; same mask conventions as the reference)."""
-    if shared_half >= 0:
-        q, k, v, attn_mask = (batch_half(t, q.shape[0], shared_half) for t in (q, k, v, attn_mask))
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale)
-    return torch.cat([out, out]) if shared_half >= 0 else out
+    return on_shared_half(shared_half, (q, k, v, attn_mask),
+                          lambda q, k, v, attn_mask: F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale))
 
 
 def _tiled_form(tile_scores: int) -> Callable:

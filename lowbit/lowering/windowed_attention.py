@@ -32,7 +32,7 @@ from torch.nn.attention.flex_attention import BlockMask, flex_attention
 
 from lowbit.ir.attention_window_statistics import key_columns, query_grid, window_tiles
 from lowbit.ir.attention_windows import WINDOW_BLOCK
-from lowbit.ir.ops import attention_reference, batch_half
+from lowbit.ir.ops import attention_reference, on_shared_half
 from lowbit.ir.schema import QuantizedAttention
 from lowbit.lowering.shape_kernels import per_shape
 from lowbit.lowering.translate import node_shape
@@ -129,15 +129,15 @@ def windowed_attention(q: Tensor, k: Tensor, v: Tensor, scale: float, window_wid
                        shared_half: int, tile: int) -> Tensor:
     """softmax(q kᵀ · scale) V within the windows, (batch, heads, tokens, dim), the tiles outside them skipped;
     ``shared_half`` as ``quantized_attention``'s (CFG sharing)."""
-    batch = q.shape[0]
-    if shared_half >= 0:
-        q, k, v = (batch_half(t, batch, shared_half) for t in (q, k, v))
-    if bool((window_widths < 0).all()):  # a step with every part whole: nothing to skip
-        out = F.scaled_dot_product_attention(q, k, v, scale=scale)
-    else:
-        mask = _block_mask(window_widths, window_lengths, q.shape[-2], k.shape[-2], tile, q.device)
-        out = flex_kernel(q, k, v, mask, scale)
-    return torch.cat([out, out]) if shared_half >= 0 else out.contiguous()  # flex's own layout is (b, q, h, d)
+
+    def attend(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        if bool((window_widths < 0).all()):  # a step with every part whole: nothing to skip
+            out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+        else:
+            out = flex_kernel(q, k, v, _block_mask(window_widths, window_lengths, q.shape[-2], k.shape[-2], tile, q.device), scale)
+        return out.contiguous()  # flex's own layout is (b, q, h, d)
+
+    return on_shared_half(shared_half, (q, k, v), attend)
 
 
 @windowed_attention.register_fake
