@@ -23,7 +23,8 @@ from compile_cpu import write_results
 from gemm_cpu import median_ms
 
 from lowbit.ir.ops import attention_probs, attention_reference, uniform_quantize
-from lowbit.lowering.integer_attention import integer_attention, native_available
+from lowbit.lowering.integer_attention import integer_attention
+from lowbit.lowering.native import has_bf16_brgemm
 from lowbit.lowering.tiled_attention import TILE_SCORES, tiled_attention
 
 RESULTS = Path(__file__).parent / "results" / "attention_cpu.md"
@@ -63,7 +64,7 @@ def main() -> None:
             "SDPA float32 (unquantized probabilities)": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale),
             "SDPA bf16 (unquantized probabilities)": lambda: F.scaled_dot_product_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), scale=scale),
         }
-        if native_available():
+        if has_bf16_brgemm():
             forms["lowbit integer kernel"] = lambda: integer_attention(*x, *grids[0], *grids[1], *grids[2], [0, 255] * 3, scale, *probs[:-1],
                                                                        -1, -1).transpose(1, 2)
         times = {form: median_ms(fn, args.rounds) for form, fn in forms.items()}
@@ -73,7 +74,7 @@ def main() -> None:
             error = ((out - reference).norm() / reference.norm()).item()
             lines.append(f"| {name} | {form} | {times[form]:.2f} | {bf16 / times[form]:.2f}x | {error:.1e} |")
             print(lines[-1], flush=True)
-    note = [] if native_available() else ["The integer kernel does not run on this host (it needs AVX512 and ATen's bf16 brgemm).", ""]
+    note = [] if has_bf16_brgemm() else ["The integer kernel does not run on this host (it needs AVX512 and ATen's bf16 brgemm).", ""]
     write_results(args.out, "bench/attention_cpu.py", load_at_start, ["### one attention call, median of the rounds", ""] + lines + [""] + note)
 
 

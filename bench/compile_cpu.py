@@ -125,7 +125,7 @@ def peak_step_bytes(step: Callable[[], object]) -> int:
 PROFILE_CATEGORIES = ("attention", "GEMMs", "convolutions", "quantizers", "casts and layout copies",
                       "other ops (norms, GELU, adds)", "framework (dynamo, graph calls, op wrappers)")
 _OPS = (("attention", ("attention", "_softmax", "flex")),
-        ("GEMMs", ("qlinear", "_int_mm", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
+        ("GEMMs", ("qlinear", "_int_mm", "int4_linear", "aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear",
                    "mkldnn::_linear")),
         ("convolutions", ("convolution", "qconv")),
         ("casts and layout copies", ("copy", "clone", "contiguous", "transpose", "aten::to")),

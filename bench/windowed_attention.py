@@ -1,7 +1,8 @@
-"""Does MDWA's saving become time? Attention of one VAR step with windows, as lowbit's compiled form
-computes it (``lowbit_flex::windowed_attention``: FlexAttention's block-sparse kernel with the
-BlockMask of the windows), against dense SDPA (with the same boolean mask, and without any mask)
-under ``torch.compile`` on the CPU, side by side in one process.
+"""Does MDWA's saving become time? Attention of one VAR step with windows, in the two block-sparse forms
+of lowbit's ``lowbit_windows::windowed_attention`` — FlexAttention's kernel with the BlockMask of the
+windows (compiled per shape), and lowbit's C++ kernel (on AVX512 hosts; the op's choice there) —
+against dense SDPA (with the same boolean mask, and without any mask) under ``torch.compile`` on the
+CPU, side by side in one process.
 
 Three VAR last-scale steps: VAR-d16 at 256² px (patch_nums 1..16: 256 queries over 680 cached keys),
 a VAR at 1024² px with Infinity's scale schedule (1, 2, 4, 6, 8, 12, 16, 20, 24, 32, 40, 48, 64:
@@ -9,8 +10,8 @@ a VAR at 1024² px with Infinity's scale schedule (1, 2, 4, 6, 8, 12, 16, 20, 24
 assumption, no 2K VAR ships a schedule here: 16,384 queries over 42,521 keys). No trained weights
 of these exist here, so the windows are LiteVAR's bands — the first three key parts whole, every
 later part a band |i·n_p/n_q − j| < w with w a fixed fraction of the part — at the fraction that
-skips ``--saved`` of the entries (LiteVAR Table 1: 70% at R0 = 0.95, 81% at 0.6). The op builds the
-BlockMask on its first call and keeps it (the windows are constants of a step), as in a model. The
+skips ``--saved`` of the entries (LiteVAR Table 1: 70% at R0 = 0.95, 81% at 0.6). Both forms build their
+tables on the first call and keep them (the windows are constants of a step), as in a model. The
 boolean mask for SDPA is built only where it fits in memory (not at 2K: 11 GB); every row checks
 the first and last 128 query rows against SDPA under the windows' mask.
 
@@ -29,8 +30,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import lowbit.lowering.windowed_attention  # noqa: F401  (registers lowbit_flex::windowed_attention)
 from lowbit.ir.attention_window_statistics import window_keep, window_kept, window_tiles
+from lowbit.lowering.native import native_built
+from lowbit.lowering.windowed_attention import flex_windowed, native_tile, native_windowed
 
 RESULTS = Path(__file__).parent / "results" / "windowed_attention.md"
 STEPS = {"VAR-d16 256px (256 x 680)": (1, 2, 3, 4, 5, 6, 8, 10, 13, 16),
@@ -81,9 +83,9 @@ def checked_error(out: torch.Tensor, q, k, v, widths, lengths) -> float:
 
 
 def decompose(step: str, saved: float, tile: int, batch: int, rounds: int) -> list[str]:
-    """Where the block-sparse kernel's time goes, side by side: FlexAttention computing every tile (its
-    efficiency against SDPA's), only the windows' tiles with no mask function (what skipping tiles
-    alone gives), and lowbit's op (those tiles, the edge tiles masked)."""
+    """Where FlexAttention's time goes, side by side: computing every tile (its efficiency against SDPA's),
+    only the windows' tiles with no mask function (what skipping tiles alone gives), and the windows'
+    tiles with the edge tiles masked (lowbit's FlexAttention form)."""
     from lowbit.lowering.windowed_attention import flex_kernel, tile_block_mask
 
     lengths = torch.tensor([p * p for p in STEPS[step]])
@@ -98,8 +100,7 @@ def decompose(step: str, saved: float, tile: int, batch: int, rounds: int) -> li
     fns = {"SDPA, no mask": lambda: dense(q, k, v),
            "FlexAttention, every tile": lambda: flex_kernel(q, k, v, every, HEAD_DIM**-0.5),
            "FlexAttention, the windows' tiles, no mask function": lambda: flex_kernel(q, k, v, windows, HEAD_DIM**-0.5),
-           "lowbit (the windows' tiles, edges masked)":
-               lambda: torch.ops.lowbit_flex.windowed_attention(q, k, v, HEAD_DIM**-0.5, widths, lengths, -1, tile)}
+           "FlexAttention, the windows' tiles, edges masked": lambda: flex_windowed(q, k, v, HEAD_DIM**-0.5, widths, lengths, tile)}
     with torch.no_grad():
         ms = median_ms(fns, rounds)
     lines = [f"Where the time goes: {step}, {saved:.0%} of the entries skipped, {tile}² tiles "
@@ -129,11 +130,12 @@ def main() -> None:
         (args.out.parent / "windowed_attention_decomposed.md").write_text("\n".join(lines) + "\n")
         print("\n".join(lines))
         return
-    lines = [host, "",
-             "| step | entries skipped | tiles skipped | SDPA, no mask | SDPA, boolean mask | lowbit (FlexAttention) "
-             "| lowbit vs SDPA no mask | lowbit vs SDPA masked |", "|---|---|---|---|---|---|---|---|"]
+    forms = {"FlexAttention": flex_windowed} | ({"lowbit C++": native_windowed} if native_built() else {})
+    lines = [host, "" if native_built() else "\nlowbit's C++ kernel does not run on this host (AVX512 only).\n",
+             "| step | tiles | entries skipped | tiles skipped | SDPA, no mask | SDPA, boolean mask | "
+             + " | ".join(f"{form} | {form} vs SDPA no mask" for form in forms) + " |",
+             "|---|---|---|---|---|---|" + "---|---|" * len(forms)]
     dense = torch.compile(lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m), dynamic=False)
-    windowed = torch.ops.lowbit_flex.windowed_attention
     for step in args.steps:
         lengths = torch.tensor([p * p for p in STEPS[step]])
         nq, nk = int(lengths[-1]), int(lengths.sum())
@@ -145,23 +147,27 @@ def main() -> None:
             if HEADS * nq * nk <= MASK_BYTES:
                 keep = window_keep(nq, nk, widths, lengths)
                 fns["masked"] = lambda: dense(q, k, v, keep)
-            fns |= {tile: (lambda t=tile: windowed(q, k, v, HEAD_DIM**-0.5, widths, lengths, -1, t)) for tile in args.tile}
+            fns |= {(form, tile): (lambda f=f, t=tile: f(q, k, v, HEAD_DIM**-0.5, widths, lengths, t))
+                    for form, f in forms.items() for tile in args.tile}
             with torch.no_grad():
                 ms = median_ms(fns, args.rounds)
                 skipped = 1 - float(window_kept(nq, nk, widths, lengths).sum()) / (HEADS * nq * nk)
                 for tile in args.tile:
-                    error = checked_error(fns[tile](), q, k, v, widths, lengths)
-                    if error > 1e-4:
-                        raise AssertionError(f"{step}: FlexAttention with {tile}² tiles differs from masked SDPA by {error}")
+                    cells = []
+                    for form in forms:
+                        error = checked_error(fns[form, tile](), q, k, v, widths, lengths)
+                        if error > 1e-4:
+                            raise AssertionError(f"{step}: {form} with {tile}² tiles differs from masked SDPA by {error}")
+                        chosen = " (the op's)" if form == "lowbit C++" and tile == native_tile(nq) else ""
+                        cells += [f"{ms[form, tile]:.1f}{chosen}", f"{ms['plain'] / ms[form, tile]:.2f}x"]
                     touched, _ = window_tiles(nq, nk, widths, lengths, tile)
                     masked = f"{ms['masked']:.1f}" if "masked" in ms else "— (mask too large)"
-                    versus = f"{ms['masked'] / ms[tile]:.2f}x" if "masked" in ms else "—"
-                    lines.append(f"| {step}, {tile}² tiles | {skipped:.1%} | {1 - float(touched.double().mean()):.1%} | "
-                                 f"{ms['plain']:.1f} | {masked} | {ms[tile]:.1f} | {ms['plain'] / ms[tile]:.2f}x | {versus} |")
+                    lines.append(f"| {step} | {tile}² | {skipped:.1%} | {1 - float(touched.double().mean()):.1%} | "
+                                 f"{ms['plain']:.1f} | {masked} | " + " | ".join(cells) + " |")
                     print(lines[-1], flush=True)
     lines.append("")
-    lines.append(f"Load average at the end {os.getloadavg()[0]:.2f}. lowbit's op agreed with SDPA under the windows' mask "
-                 f"within 1e-4 (max abs, the first and last {CHECKED_ROWS} query rows) in every row.")
+    lines.append(f"Load average at the end {os.getloadavg()[0]:.2f}. Every block-sparse form agreed with SDPA under the "
+                 f"windows' mask within 1e-4 (max abs, the first and last {CHECKED_ROWS} query rows) in every row.")
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

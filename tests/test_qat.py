@@ -171,7 +171,7 @@ def test_learned_step_sizes_reach_the_quantized_model(calib):
     assert not torch.allclose(learned, start.reshape(-1))
     weight = lowbit.convert_qat(prepared).params["transformer_blocks.0.ff.net.0.proj:weight"]
     torch.testing.assert_close(weight.scale, learned)
-    assert weight.qvalues.min() >= -8 and weight.qvalues.max() <= 7
+    assert weight.codes.min() >= -8 and weight.codes.max() <= 7
 
 
 def test_fold_refuses_an_unfinished_schedule(calib):

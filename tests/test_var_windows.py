@@ -9,6 +9,7 @@ import lowbit
 from lowbit.ir.attention_windows import ATTENTION_WINDOWS
 from lowbit.ir.cfg_sharing import CFG_SHARING
 from lowbit.ir.schema import QuantizedAttention, schema_class
+from lowbit.lowering.native import native_built
 from lowbit.lowering.windowed_attention import CPU_TILE, windowed_attention_form
 from lowbit.recipes import get_recipe
 from lowbit.reports.accounting import attention_saved
@@ -142,11 +143,19 @@ def test_cfg_sharing_and_windows_export_to_the_htp(var_setup, tmp_path):
         assert float((got - want).norm() / want.norm()) < 0.02, scale  # as the unshared export
 
 
+@pytest.mark.parametrize("kernel", ["flex", pytest.param("native", marks=pytest.mark.skipif(
+    not native_built(), reason="lowbit's C++ kernels build on AVX512 hosts only"))])
 @pytest.mark.parametrize("geometry, share", [("band", False), ("band", True), ("grid", False)])
-def test_windows_compile_to_flex_attention_as_eager(var_setup, geometry, share):
-    """The compiled form skips the tiles outside the windows (FlexAttention) and computes what eager does."""
+def test_windows_compile_to_a_block_sparse_kernel_as_eager(var_setup, monkeypatch, kernel, geometry, share):
+    """The compiled form skips the tiles outside the windows (FlexAttention, or lowbit's C++ kernel where
+    it builds) and computes what eager does."""
+    from lowbit.lowering import windowed_attention
     from lowbit.lowering.backend import compile_reports
 
+    calls = []
+    form = getattr(windowed_attention, f"{kernel}_windowed")
+    monkeypatch.setattr(windowed_attention, "native_built", lambda: kernel == "native")
+    monkeypatch.setattr(windowed_attention, f"{kernel}_windowed", lambda *args: calls.append(1) or form(*args))
     var, tokenizer, step, calibration = var_setup
     recipe = windowed("mdwa-1", 0.6, geometry)
     if share:
@@ -160,3 +169,4 @@ def test_windows_compile_to_flex_attention_as_eager(var_setup, geometry, share):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)  # float arithmetic in another order
     translation = compile_reports()[-1].translation
     assert translation.lowered["quantized_attention"] == 2 and not translation.fallbacks
+    assert calls  # the windowed scale ran the chosen kernel

@@ -36,7 +36,8 @@ from lowbit.core.staging import staged_folder
 
 __all__ = ["FORMAT_VERSION", "SerializationError", "load", "save"]
 
-FORMAT_VERSION = 3  # 2: recipes list their passes; artifacts; a digest of every tensor. 3: "step_arg", dynamic dims, tuples
+FORMAT_VERSION = 4  # 2: recipes list their passes; artifacts; a digest of every tensor. 3: "step_arg", dynamic dims, tuples.
+# 4: weights of at most 4 bits stored two per byte (lowbit.ir.packed_weights)
 _META, _TENSORS = "lowbit.json", "params.safetensors"
 _ARTIFACT = "artifact:"
 _KEYS = ("model_class", "model_config", "model_weights", "recipe", "step_arg", "signature", "params", "artifacts",

@@ -107,7 +107,7 @@ class WeightFakeQuantizer(torch.nn.Module):
             shape = (-1,) + (1,) * (weight.dim() - 1)
             q = torch.clamp(torch.round(weight.float() / scale.reshape(shape)), spec.qmin, spec.qmax)
         return OperandParams(spec, scale.float().clone(), torch.zeros_like(scale, dtype=torch.float32),
-                             qvalues=q.to(OperandParams.storage_dtype(spec)))
+                             qvalues=OperandParams.weight_storage(spec, q))
 
 
 class OperandFakeQuantizer(torch.nn.Module):

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from lowbit.ir.attention_window_statistics import window_keep
+from lowbit.ir.packed_weights import integer_codes
 from lowbit.ir.schema import DynamicParams, FakeQuant, Log2FakeQuant, OpSchema, QuantizedAttention, QuantizedConv2d, QuantizedLinear, SelectTimestep
 
 __all__ = [
@@ -92,7 +93,7 @@ def _quantize_input(x: Tensor, scale: Tensor | None, zero_point: Tensor | None, 
 
 def _dequantize_weight(weight: Tensor, weight_scale: Tensor, dtype: torch.dtype) -> Tensor:
     shape = (-1,) + (1,) * (weight.dim() - 1)
-    return (weight.float() * weight_scale.reshape(shape)).to(dtype)
+    return (integer_codes(weight).float() * weight_scale.reshape(shape)).to(dtype)
 
 
 def linear_reference(

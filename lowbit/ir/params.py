@@ -14,6 +14,7 @@ from torch import Tensor
 
 from lowbit.ir.annotations import QuantSpec
 from lowbit.ir.ops import asymmetric_params
+from lowbit.ir.packed_weights import PACKED_DTYPE, integer_codes, pack_int4, packable, unpacked_shape
 
 __all__ = ["PARAMS", "OperandParams", "asymmetric", "target_name"]
 
@@ -35,8 +36,9 @@ class OperandParams:
     """Scale and zero point of an operand, already shaped to broadcast against it.
 
     Per-timestep parameters carry one row per calibrated timestep (``timesteps`` lists them);
-    a weight carries its integer values in ``qvalues`` (int8 storage up to 8 bits, 4-bit weights
-    included — packing is a lowering's concern — and int16 above).
+    a weight carries its integer values in ``qvalues``: two per byte at 4 bits and below
+    (``lowbit.ir.packed_weights``; what every target then keeps in memory), int8 up to 8 bits, int16
+    above (``weight_storage`` makes them).
     """
 
     spec: QuantSpec
@@ -57,8 +59,11 @@ class OperandParams:
                 raise ValueError("per-timestep parameters need one scale row per calibrated timestep")
         if not torch.isfinite(self.scale).all() or (self.scale <= 0).any():
             raise ValueError("scales must be finite and positive")
-        if self.qvalues is not None and self.qvalues.dtype != self.storage_dtype(self.spec):
-            raise ValueError(f"{self.spec.bits:g}-bit integer weights are stored as {self.storage_dtype(self.spec)}, got {self.qvalues.dtype}")
+        if self.qvalues is not None:
+            want = PACKED_DTYPE if packable(self.spec.bits, unpacked_shape(self.qvalues)) else self._code_dtype(self.spec)
+            if self.qvalues.dtype != want:
+                raise ValueError(f"{self.spec.bits:g}-bit integer weights of shape {unpacked_shape(self.qvalues)} are stored "
+                                 f"as {want}, got {self.qvalues.dtype}")
 
     def check_fits(self, operand: torch.Size) -> None:
         """ValueError unless these parameters fit an operand of this shape: one value (per step) per
@@ -75,12 +80,24 @@ class OperandParams:
         if not fits:
             raise ValueError(f"scale of shape {tuple(self.scale.shape)} does not fit a {self.spec.granularity} "
                              f"{self.spec.mode} spec of an operand of shape {tuple(operand)}")
-        if self.qvalues is not None and tuple(self.qvalues.shape) != tuple(operand):
-            raise ValueError(f"integer weights of shape {tuple(self.qvalues.shape)} do not fit a weight of shape {tuple(operand)}")
+        if self.qvalues is not None and unpacked_shape(self.qvalues) != tuple(operand):
+            raise ValueError(f"integer weights of shape {unpacked_shape(self.qvalues)} do not fit a weight of shape {tuple(operand)}")
+
+    @property
+    def codes(self) -> Tensor | None:
+        """A weight's integer codes as they are (int8 / int16), unpacked where ``qvalues`` is packed."""
+        return None if self.qvalues is None else integer_codes(self.qvalues)
 
     @staticmethod
-    def storage_dtype(spec: QuantSpec) -> torch.dtype:
+    def _code_dtype(spec: QuantSpec) -> torch.dtype:
         return torch.int8 if spec.bits <= 8 else torch.int16
+
+    @classmethod
+    def weight_storage(cls, spec: QuantSpec, codes: Tensor) -> Tensor:
+        """Integer weight codes in the form ``qvalues`` keeps them: packed two per byte where ``packable``."""
+        if packable(spec.bits, tuple(codes.shape)):
+            return pack_int4(codes)
+        return codes.to(cls._code_dtype(spec))
 
     def representable_range(self) -> tuple[Tensor, Tensor]:
         """The float range the quantization grid covers, per parameter row."""

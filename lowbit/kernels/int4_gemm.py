@@ -70,13 +70,16 @@ def unpack_int4(packed: Tensor, in_features: int) -> Tensor:
 
 
 def prepare_int4_weight(weight: Tensor, weight_scale: Tensor) -> PreparedWeight:
-    """lowbit's integer weight [N, K] (values in [-8, 7]) and per-channel scale [N] -> PreparedWeight (bits 4)."""
-    data = pack_int4(weight)
+    """lowbit's integer weight [N, K] (values in [-8, 7]), or that weight already packed as ``pack_int4``
+    packs it (uint8 [N, K/2], read in place: no copy), and per-channel scale [N] -> PreparedWeight (bits 4)."""
+    packed_already = weight.dtype == torch.uint8
+    data = weight.view(torch.int8) if packed_already else pack_int4(weight)
+    in_features = 2 * weight.shape[1] if packed_already else weight.shape[1]
     scale = weight_scale.to(device=data.device, dtype=torch.float32).reshape(-1).contiguous()
     if scale.numel() != data.shape[0]:
         raise ValueError(f"expected one weight scale per output channel ({data.shape[0]}); got {scale.numel()}")
-    w_sum = weight.to(torch.int32).sum(dim=1, dtype=torch.int32)
-    return PreparedWeight(data, scale, w_sum, weight.shape[1], bits=4)
+    w_sum = unpack_int4(data, in_features).to(torch.int32).sum(dim=1, dtype=torch.int32)
+    return PreparedWeight(data.contiguous(), scale, w_sum, in_features, bits=4)
 
 
 def int4_gemm(a: Tensor, weight: PreparedWeight, a_scale: Tensor | float, a_zero_point: Tensor | float | None = None,

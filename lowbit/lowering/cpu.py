@@ -22,8 +22,9 @@ reference arithmetic; the translation report names them.
 
 Quantized attention runs on integer codes in blocks of query rows, or in query tiles of the
 reference arithmetic, so the probability matrix never exists whole
-(:mod:`lowbit.lowering.tiled_attention`); windowed attention (MDWA) on float probabilities runs
-FlexAttention's block-sparse kernel with small tiles (:mod:`lowbit.lowering.windowed_attention`).
+(:mod:`lowbit.lowering.tiled_attention`); windowed attention (MDWA) on float probabilities runs a
+block-sparse kernel, lowbit's own on AVX512 hosts, else FlexAttention's
+(:mod:`lowbit.lowering.windowed_attention`).
 Everything else (convolutions, fake quantizers) is the reference arithmetic, inlined for inductor to fuse.
 """
 
@@ -37,7 +38,9 @@ from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
 from lowbit.ir.ops import conv2d_reference, linear_reference
+from lowbit.ir.packed_weights import integer_codes
 from lowbit.ir.schema import QuantizedAttention, QuantizedConv2d, QuantizedLinear
+from lowbit.lowering.int4_linear import int4_linear, int4_linear_takes
 from lowbit.lowering.onednn import int8_matmul, quantized_conv2d, quantized_matmul
 from lowbit.lowering.tiled_attention import tiled_attention_form
 from lowbit.lowering.translate import node_dtype, node_shape
@@ -91,7 +94,7 @@ def int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | 
     shift = (qmin + qmax + 1) // 2
     q = (torch.clamp(torch.round(rows / scale) + zero_point, qmin, qmax) - shift).to(torch.int8)
     acc = int8_matmul(q, weight)
-    weight_sums = weight.sum(1, dtype=torch.int32)
+    weight_sums = integer_codes(weight).sum(1, dtype=torch.int32)
     y = (acc - (zero_point - shift) * weight_sums) * (scale * weight_scale.float())
     if bias is not None:
         y = y + bias
@@ -138,7 +141,7 @@ def _group_layout(weight: Tensor, labels: Tensor) -> tuple[Tensor, list[tuple[in
     if key not in layouts:
         order = torch.sort(labels, stable=True).indices
         bounds = [0, *torch.bincount(labels).cumsum(0).tolist()]
-        reordered = weight[:, order]
+        reordered = integer_codes(weight)[:, order]  # an int8 copy, group by group
         parts = [(g, a, reordered[:, a:b].contiguous()) for g, (a, b) in enumerate(zip(bounds, bounds[1:])) if a < b]
         layouts[key] = (order, [(g, a, w, w.sum(1, dtype=torch.int32)) for g, a, w in parts])
     return layouts[key]
@@ -174,16 +177,18 @@ def int8_form(node: torch.fx.Node) -> str | None:
         return "input not quantized"
     if op.input_levels > _INT8_LEVELS:
         return f"{op.input_levels.bit_length() - 1}-bit activations do not fit int8"
-    weight_shape, scale_shape = node_shape(op.weight), node_shape(op.input_scale)
-    if weight_shape is not None and scale_shape and scale_shape[-1] != 1 and scale_shape[-1] == weight_shape[1]:
+    x_shape, scale_shape = node_shape(op.x), node_shape(op.input_scale)
+    if x_shape and scale_shape and scale_shape[-1] != 1 and scale_shape[-1] == x_shape[-1]:
         return CHANNEL_GROUPED if op.input_zero_point is not None else "channel-grouped input without zero points"
     return None
 
 
 def _one_scale_int8(node: torch.fx.Node) -> bool:
-    """Whether a ``quantized_linear`` node takes the fused oneDNN call: one input scale, an 8-bit grid."""
+    """Whether a ``quantized_linear`` node takes the fused oneDNN call: one input scale, an 8-bit grid, and a
+    weight that is not better left packed for the int4 kernel."""
     op = QuantizedLinear.of(node)
-    return int8_form(node) is None and _fused_call_takes(node_shape(op.input_scale), op.input_qmin, op.input_qmax)
+    return (int8_form(node) is None and _fused_call_takes(node_shape(op.input_scale), op.input_qmin, op.input_qmax)
+            and not int4_linear_takes(node))
 
 
 def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
@@ -249,6 +254,8 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
                 following.meta[_CODES_INPUT] = True
                 return _chained_linear(node_dtype(node), codes_input, approximate), None
         return (_chained_linear(node_dtype(node), True) if codes_input else int8_linear), None
+    if int4_linear_takes(node):
+        return int4_linear, None
     reason = int8_form(node)
     if reason is None:
         return int8_linear, None

@@ -18,10 +18,7 @@ off the grid).
 
 from __future__ import annotations
 
-import functools
 import math
-import warnings
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -30,30 +27,12 @@ from torch import Tensor
 
 from lowbit.ir.ops import on_shared_half
 from lowbit.ir.schema import FakeQuant, QuantizedAttention
+from lowbit.lowering.native import has_bf16_brgemm
 from lowbit.lowering.translate import node_shape
 
-__all__ = ["MAX_CODE", "integer_attention", "integer_attention_form", "native_available"]
+__all__ = ["MAX_CODE", "integer_attention", "integer_attention_form"]
 
-_SOURCE = Path(__file__).parent / "csrc" / "integer_attention.cpp"
-_FLAGS = ["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-DCPU_CAPABILITY_AVX512",
-          "-DCPU_CAPABILITY=AVX512"]
 MAX_CODE = 255  # |c - z| of an 8-bit grid; bf16 holds integers exactly up to 256
-
-
-@functools.cache
-def native_available() -> bool:
-    """Whether this host runs the kernel (AVX512 with ATen's bf16 brgemm); compiles it on first call."""
-    if torch.backends.cpu.get_cpu_capability() != "AVX512":
-        return False
-    try:
-        from torch.utils.cpp_extension import load
-
-        load("lowbit_native", [str(_SOURCE)], extra_cflags=_FLAGS, is_python_module=False)
-    except Exception as error:  # no compiler, or headers that do not match: the tiled reference still runs
-        warnings.warn(f"lowbit: the integer attention kernel did not build ({error}); quantized attention on the CPU "
-                      "runs the tiled reference arithmetic", stacklevel=2)
-        return False
-    return bool(torch.ops.lowbit_native.available())
 
 
 def _per_row(scale: Tensor, shape: torch.Size) -> Tensor:
@@ -125,7 +104,7 @@ def integer_attention_form(node: torch.fx.Node) -> Callable | None:
     if op.probs_scheme == "uniform" and op.probs_qmax - op.probs_qmin > MAX_CODE or len(node_shape(op.q) or ()) != 4:
         return None
     quantizers = [_quantizer(op.q, True), _quantizer(op.k, True), _quantizer(op.v, False)]
-    if None in quantizers or not native_available():
+    if None in quantizers or not has_bf16_brgemm():
         return None
     grids = []
     for name, quantizer in zip(_OPERANDS, quantizers):

@@ -14,6 +14,8 @@ import torch
 from torch import Tensor
 from torch.utils.weak import WeakIdKeyDictionary
 
+from lowbit.ir.packed_weights import integer_codes
+
 __all__ = ["int8_matmul", "quantized_conv2d", "quantized_matmul"]
 
 _PACKED: "WeakIdKeyDictionary[Tensor, _Packed]" = WeakIdKeyDictionary()
@@ -31,11 +33,13 @@ class _Packed:
 
 
 def _packed(weight: Tensor, pack=lambda w: torch.ops.onednn.qlinear_prepack(w, None)) -> _Packed:
-    """The packed form of an int8 weight (``pack``: a linear's [N, K] by default)."""
+    """oneDNN's packed form of an integer weight (``pack``: a linear's [N, K] by default). A 4-bit weight stored two
+    per byte is unpacked for it: oneDNN's copy then holds a byte per value."""
     packed = _PACKED.get(weight)
     if packed is None or packed.version != weight._version:
         rows = weight.shape[0]
-        packed = _PACKED[weight] = _Packed(weight._version, pack(weight), torch.zeros(rows, dtype=torch.long), torch.ones(rows))
+        packed = _PACKED[weight] = _Packed(weight._version, pack(integer_codes(weight)), torch.zeros(rows, dtype=torch.long),
+                                           torch.ones(rows))
     return packed
 
 
@@ -53,7 +57,7 @@ def _qlinear(codes: Tensor, scale: Tensor, zero_point: Tensor, weight: Tensor, w
 def int8_matmul(codes: Tensor, weight: Tensor) -> Tensor:
     """sum_k codes[m, k] * weight[n, k] of int8 codes [M, K] and an int8 weight [N, K], as float32."""
     if not torch.backends.mkldnn.is_available():
-        return torch._int_mm(codes, weight.t()).float()
+        return torch._int_mm(codes, integer_codes(weight).t()).float()
     return _qlinear(codes, torch.ones(()), torch.zeros(()), weight, _packed(weight).unit_scales, None)
 
 

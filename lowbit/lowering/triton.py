@@ -22,9 +22,11 @@ import torch.fx
 from torch import Tensor
 
 from lowbit.ir.ops import attention_reference, linear_reference
+from lowbit.ir.packed_weights import PACKED_DTYPE, integer_codes
 from lowbit.ir.schema import DynamicParams, QuantizedAttention, QuantizedLinear, schema_class
 from lowbit.kernels.common import UINT8_OFFSET, PreparedWeight
 from lowbit.kernels.group_gemm import GroupedWeight, group_gemm, prepare_grouped_weight, quantize_grouped
+from lowbit.kernels.int4_gemm import int4_gemm, prepare_int4_weight
 from lowbit.kernels.int8_gemm import int8_gemm, prepare_weight
 from lowbit.kernels.log2_attention import log2_attention
 from lowbit.kernels.quantize_activation import quantize_dynamic, quantize_static
@@ -39,10 +41,18 @@ _GROUPED: "weakref.WeakKeyDictionary[Tensor, dict[bytes, GroupedWeight]]" = weak
 
 
 def _prepared(weight: Tensor, weight_scale: Tensor) -> PreparedWeight:
+    """The kernel layout of a stored weight: 4-bit weights stay packed two per byte (read in place)."""
     prepared = _PREPARED.get(weight)
     if prepared is None:
-        prepared = _PREPARED[weight] = prepare_weight(weight, weight_scale)
+        prepare = prepare_int4_weight if weight.dtype == PACKED_DTYPE else prepare_weight
+        prepared = _PREPARED[weight] = prepare(weight, weight_scale)
     return prepared
+
+
+def _gemm(codes: Tensor, prepared: PreparedWeight, scale: Tensor, zero_point: Tensor, bias: Tensor | None) -> Tensor:
+    """The W8A8 or W4A8 GEMM of uint8 codes (lowbit's zero point convention) with a prepared weight."""
+    gemm = int4_gemm if prepared.bits == 4 else int8_gemm
+    return gemm(codes, prepared, scale, zero_point - UINT8_OFFSET, bias, out_dtype=torch.float32)
 
 
 def _int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor | None, input_scale: Tensor,
@@ -57,7 +67,7 @@ def _int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor |
     if qmin < 0:  # symmetric codes: move them into lowbit's unsigned convention the quantizer takes
         zero_point, qmin, qmax = zero_point - qmin, 0, qmax - qmin
     codes = quantize_static(rows, scale, zero_point, qmin, qmax)
-    y = int8_gemm(codes, _prepared(weight, weight_scale), scale, zero_point - UINT8_OFFSET, bias, out_dtype=torch.float32)
+    y = _gemm(codes, _prepared(weight, weight_scale), scale, zero_point, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 
@@ -71,7 +81,7 @@ def _group_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: Tensor 
     layouts = _GROUPED.setdefault(weight, {})
     key = labels.to(torch.int16).cpu().numpy().tobytes()
     if key not in layouts:
-        layouts[key] = prepare_grouped_weight(weight, weight_scale, labels, groups.shape[0])
+        layouts[key] = prepare_grouped_weight(integer_codes(weight), weight_scale, labels, groups.shape[0])  # an int8 copy
     grouped = layouts[key]
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     codes = quantize_grouped(rows, grouped, groups[:, 0], groups[:, 1], input_qmin, input_qmax)
@@ -90,7 +100,7 @@ def dynamic_int8_linear(x: Tensor, weight: Tensor, weight_scale: Tensor, bias: T
     and writes its codes (``quantize_dynamic``), the GEMM applies the per-row parameters in its epilogue."""
     rows = x.reshape(-1, x.shape[-1]).contiguous()
     codes, scale, zero_point = quantize_dynamic(rows, qmin, qmax)
-    y = int8_gemm(codes, _prepared(weight, weight_scale), scale, zero_point - UINT8_OFFSET, bias, out_dtype=torch.float32)
+    y = _gemm(codes, _prepared(weight, weight_scale), scale, zero_point, bias)
     return y.reshape(*x.shape[:-1], weight.shape[0]).to(x.dtype)
 
 

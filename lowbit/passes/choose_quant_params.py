@@ -52,7 +52,7 @@ def weight_params(w: torch.Tensor, spec: QuantSpec, method: WeightRange) -> Oper
     scale = _weight_scale(w, spec, method)
     shape = (-1,) + (1,) * (w.dim() - 1)
     q = torch.clamp(torch.round(w.detach().float() / scale.reshape(shape)), spec.qmin, spec.qmax)
-    return OperandParams(spec, scale, torch.zeros_like(scale), qvalues=q.to(OperandParams.storage_dtype(spec)))
+    return OperandParams(spec, scale, torch.zeros_like(scale), qvalues=OperandParams.weight_storage(spec, q))
 
 
 def _bounds(stats: RangeStatistics, exclude_column: int | None) -> tuple[float, float]:

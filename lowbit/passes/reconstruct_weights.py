@@ -183,7 +183,7 @@ class _Rounding:
     def hard(self) -> OperandParams:
         spec = self.params.spec
         q = torch.clamp(self.floor + (self.v.detach() >= 0).float(), spec.qmin, spec.qmax)  # h(V) >= 0.5 iff V >= 0
-        return dataclasses.replace(self.params, qvalues=q.to(OperandParams.storage_dtype(spec)))
+        return dataclasses.replace(self.params, qvalues=OperandParams.weight_storage(spec, q))
 
 
 def _output_error(outputs: tuple, targets: list) -> torch.Tensor:
@@ -241,7 +241,7 @@ class ReconstructWeights(Pass):
         nearest = [ctx.params[t] for t in targets]
         with torch.no_grad():
             def error(params: list[OperandParams]) -> float:
-                weights = [p.scale.reshape(r.scale.shape) * p.qvalues.float() for p, r in zip(params, roundings)]
+                weights = [p.scale.reshape(r.scale.shape) * p.codes.float() for p, r in zip(params, roundings)]
                 return float(sum(_output_error(sub(i, weights), o) for i, o in data) / len(data))
             before, after = error(nearest), error(learned)
         self.losses[unit.path] = (before, min(before, after))

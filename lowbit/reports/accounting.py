@@ -12,6 +12,7 @@ reference ops broadcast; ``quant_param_bytes`` is that part alone (DGQ: 2.29 MB 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -23,6 +24,7 @@ from lowbit.ir.annotations import QUANT_KEY
 from lowbit.ir.artifacts import Artifact
 from lowbit.ir.attention_windows import ATTENTION_WINDOWS
 from lowbit.ir.cfg_sharing import CFG_SHARING
+from lowbit.ir.packed_weights import unpacked_shape
 from lowbit.ir.capture import capture, normalize_inputs
 from lowbit.ir.schema import QuantizedAttention, QuantizedConv2d, QuantizedLinear, schema_class
 from lowbit.core.quantized_model import QuantizedModel
@@ -64,7 +66,7 @@ class _Counter(torch.fx.Interpreter):
         op = schema.from_call(*args, **kwargs) if schema is not None else None
         if isinstance(op, (QuantizedLinear, QuantizedConv2d)) or n.target in (aten.linear.default, aten.conv2d.default):
             weight = op.weight if op is not None else args[1]  # aten.linear/conv2d(input, weight, ...)
-            flops = 2.0 * out.numel() * weight[0].numel()
+            flops = 2.0 * out.numel() * math.prod(unpacked_shape(weight)[1:])
         elif n.target in (aten.matmul.default, aten.bmm.default, aten.baddbmm.default):
             a = args[1 if n.target == aten.baddbmm.default else 0]  # baddbmm(bias, a, b)
             self._add(2.0 * out.numel() * a.shape[-1], FP_BITS, FP_BITS)
@@ -96,7 +98,7 @@ def _stored_bytes(model: QuantizedModel) -> dict[int, float]:
         for t in p.tensors().values():
             stored[id(t)] = t.numel() * t.element_size()
         if p.qvalues is not None:
-            stored[id(p.qvalues)] = p.qvalues.numel() * p.spec.bits / 8
+            stored[id(p.qvalues)] = math.prod(unpacked_shape(p.qvalues)) * p.spec.bits / 8
         if p.spec.granularity == "group":
             rows, vectors = len(p.spec.groups), len(p.spec.groups[0])
             labels = rows * vectors if p.spec.num_groups > 1 else 0  # one group needs no labels

@@ -9,12 +9,13 @@ import lowbit
 from lowbit.ir.ops import attention_reference, uniform_quantize
 from lowbit.ir.schema import QuantizedAttention
 from lowbit.lowering.backend import compile_reports
-from lowbit.lowering.integer_attention import integer_attention, integer_attention_form, native_available
+from lowbit.lowering.integer_attention import integer_attention, integer_attention_form
+from lowbit.lowering.native import has_bf16_brgemm
 from lowbit.lowering.tiled_attention import tiled_attention
 from lowbit.models.tiny import build
 from tests.conftest import calibration_set
 
-needs_kernel = pytest.mark.skipif(not native_available(), reason="the integer attention kernel needs AVX512 and ATen's "
+needs_kernel = pytest.mark.skipif(not has_bf16_brgemm(), reason="the integer attention kernel needs AVX512 and ATen's "
                                   "bf16 brgemm (AMX or AVX512-BF16); the tiled form covers other hosts")
 
 

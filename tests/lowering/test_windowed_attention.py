@@ -1,13 +1,14 @@
-"""MDWA's FlexAttention form: the BlockMask holds exactly the tiles the windows touch, and the op computes
-what SDPA computes under the windows' boolean mask (band and 2-D windows, ragged sizes, CFG sharing, a
-step with no windows)."""
+"""MDWA's block-sparse forms: the BlockMask holds exactly the tiles the windows touch, and FlexAttention and
+lowbit's C++ kernel compute what SDPA computes under the windows' boolean mask (band and 2-D windows,
+ragged sizes, CFG sharing, a step with no windows)."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from lowbit.ir.attention_window_statistics import window_keep
-from lowbit.lowering import windowed_attention as flex
+from lowbit.lowering import windowed_attention as windowed
+from lowbit.lowering.native import native_built
 
 QUERIES, TILE = 36, 16  # not a multiple of the tile: padded rows and columns are guarded
 PARTS = {"band": torch.tensor([4, 16, 80]), "grid": torch.tensor([[2, 2], [4, 4], [6, 6]])}  # token counts or grids
@@ -31,7 +32,7 @@ def test_block_mask_holds_exactly_the_tiles_the_windows_touch(geometry, past, ti
     rows, cols = -(-QUERIES // tile), -(-keys // tile)
     count = lambda m: F.pad(m, (0, cols * tile - keys, 0, rows * tile - QUERIES)).reshape(3, rows, tile, cols, tile).sum((2, 4))
     kept, valid = count(keep.int()), count(torch.ones_like(keep, dtype=torch.int))
-    mask = flex.window_block_mask(widths(), PARTS[geometry], QUERIES, keys, tile)
+    mask = windowed.window_block_mask(widths(), PARTS[geometry], QUERIES, keys, tile)
     full = torch.zeros_like(kept, dtype=torch.bool)
     for h in range(3):
         for r in range(rows):
@@ -41,11 +42,11 @@ def test_block_mask_holds_exactly_the_tiles_the_windows_touch(geometry, past, ti
 
 
 @pytest.mark.parametrize("geometry, shared_half", [("band", -1), ("band", 0), ("grid", -1)])
-def test_flex_form_computes_sdpa_under_the_windows(geometry, shared_half):
+def test_the_op_computes_sdpa_under_the_windows(geometry, shared_half):
     torch.manual_seed(1)
     keys, parts = KEYS[geometry], PARTS[geometry]
     q, k, v = torch.randn(2, 3, QUERIES, 16), torch.randn(2, 3, keys, 16), torch.randn(2, 3, keys, 16)
-    got = torch.ops.lowbit_flex.windowed_attention(q, k, v, 0.3, widths(), parts, shared_half, TILE)
+    got = torch.ops.lowbit_windows.windowed_attention(q, k, v, 0.3, widths(), parts, shared_half, TILE)
     keep = window_keep(QUERIES, keys, widths(), parts)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3)
     if shared_half == 0:
@@ -53,8 +54,27 @@ def test_flex_form_computes_sdpa_under_the_windows(geometry, shared_half):
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+needs_native = pytest.mark.skipif(not native_built(), reason="lowbit's C++ kernels build on AVX512 hosts only")
+
+
+@pytest.mark.parametrize("form", [windowed.flex_windowed, pytest.param(windowed.native_windowed, marks=needs_native)],
+                         ids=["flex", "native"])
+@pytest.mark.parametrize("geometry", ["band", "grid"])
+@pytest.mark.parametrize("past", [0, 9])
+@pytest.mark.parametrize("tile", [TILE, 3])
+def test_both_block_sparse_forms_compute_sdpa_under_the_windows(form, geometry, past, tile):
+    """Every tile kind (skipped, edge, inside), ragged last tiles, key columns past the parts, and
+    operands in the (batch, tokens, heads, dim) layout a projection writes (strided rows)."""
+    torch.manual_seed(3)
+    keys, parts = KEYS[geometry] + past, PARTS[geometry]
+    q, k, v = (torch.randn(2, n, 3, 16).transpose(1, 2) for n in (QUERIES, keys, keys))
+    keep = window_keep(QUERIES, keys, widths(), parts)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, scale=0.3)
+    torch.testing.assert_close(form(q, k, v, 0.3, widths(), parts, tile), want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_step_with_every_part_whole_is_dense_attention():
     torch.manual_seed(2)
     q, k, v = torch.randn(1, 3, 4, 16), torch.randn(1, 3, 5, 16), torch.randn(1, 3, 5, 16)
-    got = torch.ops.lowbit_flex.windowed_attention(q, k, v, 0.25, torch.full((3, 2), -1), torch.tensor([1, 4]), -1, TILE)
+    got = torch.ops.lowbit_windows.windowed_attention(q, k, v, 0.25, torch.full((3, 2), -1), torch.tensor([1, 4]), -1, TILE)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v, scale=0.25))

@@ -699,12 +699,12 @@ def test_reconstruct_weights():
     assert learned.spec == nearest.spec and torch.equal(learned.scale, nearest.scale)
     assert torch.equal(learned.zero_point, nearest.zero_point) and learned.timesteps is None
     w = model.proj.weight.detach()
-    assert learned.qvalues.dtype == torch.int8
-    assert (learned.qvalues.float() - w / learned.scale[:, None]).abs().max() < 1  # floor or ceil of the weight
+    assert learned.qvalues.dtype == (torch.uint8 if learned.spec.bits <= 4 else torch.int8)
+    assert (learned.codes.float() - w / learned.scale[:, None]).abs().max() < 1  # floor or ceil of the weight
 
     # the recorded unit errors are those of eager linears with these weights
     def error(p: OperandParams) -> float:
-        wq = p.qvalues.float() * p.scale[:, None]
+        wq = p.codes.float() * p.scale[:, None]
         errs = [(F.linear(s["x"], wq, model.proj.bias) - model.proj(s["x"])).pow(2).reshape(2, -1).sum(1).mean()
                 for s in ctx.samples]
         return float(sum(errs) / len(errs))
@@ -832,7 +832,7 @@ def test_fold_fake_quantizers():
     p = ctx.params["proj:weight"]  # FraQAT's grid at 4 bits over the trained weight: max|W + Δ| / 7 per channel
     scale = trained.abs().amax(1) / 7
     torch.testing.assert_close(p.scale, scale)
-    assert torch.equal(p.qvalues, torch.clamp(torch.round(trained / scale[:, None]), -8, 7).to(torch.int8))
+    assert torch.equal(p.codes, torch.clamp(torch.round(trained / scale[:, None]), -8, 7).to(torch.int8))
 
 
 def test_every_registered_pass_has_a_structural_test():

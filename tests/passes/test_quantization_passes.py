@@ -78,8 +78,9 @@ def test_mse_weight_range_beats_minmax_on_heavy_tails():
     errors = {}
     for method in ("minmax", "mse"):
         p = weight_params(w, spec, method)
-        errors[method] = (p.qvalues.float() * p.scale[:, None] - w).pow(2).mean().item()
-        assert p.qvalues.dtype == torch.int8 and int(p.qvalues.min()) >= -8 and int(p.qvalues.max()) <= 7
+        errors[method] = (p.codes.float() * p.scale[:, None] - w).pow(2).mean().item()
+        assert p.qvalues.dtype == torch.uint8 and p.qvalues.shape == (16, 32)  # packed two per byte
+        assert int(p.codes.min()) >= -8 and int(p.codes.max()) <= 7
     assert errors["mse"] < errors["minmax"]
 
 

@@ -53,7 +53,7 @@ def test_learned_rounding_lowers_every_block_error_and_stays_floor_or_ceil(calib
     for t, p in nearest.items():
         learned = ctx.params[t]
         assert torch.equal(learned.scale, p.scale)  # AdaRound keeps the grid
-        assert (learned.qvalues.int() - p.qvalues.int()).abs().max() <= 1  # floor or ceil, never further
+        assert (learned.codes.int() - p.codes.int()).abs().max() <= 1  # floor or ceil, never further
 
 
 def test_adaround_recipe_quantizes_saves_and_loads(calib, tmp_path):

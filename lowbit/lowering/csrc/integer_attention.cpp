@@ -22,6 +22,8 @@
 #include <limits>
 #include <vector>
 
+#include "row_softmax.h"
+
 namespace {
 
 using at::BFloat16;
@@ -91,23 +93,7 @@ float exponentials(float* row, const float* cols, float row_factor, int64_t keys
     for (int64_t j = whole; j < keys; ++j) row[j] = row[j] * row_factor * cols[j];
   }
   const float scale = cols ? 1.0f : row_factor;  // what turns row[j] into logit_j now
-  const Vec scaled(scale);
-  Vec peak_vec(-std::numeric_limits<float>::infinity());
-  for (int64_t j = 0; j < whole; j += Vec::size()) peak_vec = at::vec::maximum(peak_vec, Vec::loadu(row + j));
-  float peak = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, peak_vec);
-  for (int64_t j = whole; j < keys; ++j) peak = std::max(peak, row[j]);
-  Vec total_vec(0.0f);
-  for (int64_t j = 0; j < whole; j += Vec::size()) {
-    Vec e = ((Vec::loadu(row + j) - Vec(peak)) * scaled).exp_u20();
-    e.store(row + j);
-    total_vec = total_vec + e;
-  }
-  float total = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, total_vec);
-  for (int64_t j = whole; j < keys; ++j) {
-    row[j] = std::exp((row[j] - peak) * scale);
-    total += row[j];
-  }
-  return total;
+  return lowbit::exponentiate(row, keys, lowbit::row_peak(row, keys), scale);
 }
 
 // The probability grid: uniform codes c - z, or log2 codes as the values 2^-c (s_p is applied after the GEMM).
@@ -242,7 +228,7 @@ at::Tensor integer_attention(const at::Tensor& q, const at::Tensor& k, const at:
   return out;
 }
 
-bool available() { return blas::could_pack(at::kBFloat16); }
+bool has_bf16_brgemm() { return blas::could_pack(at::kBFloat16); }
 
 }  // namespace
 
@@ -250,9 +236,9 @@ TORCH_LIBRARY(lowbit_native, m) {
   m.def("integer_attention(Tensor q, Tensor k, Tensor v, Tensor q_scale, Tensor q_zero_point, Tensor k_scale, "
         "Tensor k_zero_point, Tensor v_scale, Tensor v_zero_point, int[] grids, float scale, float probs_scale, "
         "float probs_zero_point, bool log2_grid, int probs_qmin, int probs_qmax, int start_token) -> Tensor");
-  m.def("available() -> bool");
+  m.def("has_bf16_brgemm() -> bool");
 }
 
 TORCH_LIBRARY_IMPL(lowbit_native, CPU, m) { m.impl("integer_attention", &integer_attention); }
 
-TORCH_LIBRARY_IMPL(lowbit_native, CompositeExplicitAutograd, m) { m.impl("available", &available); }
+TORCH_LIBRARY_IMPL(lowbit_native, CompositeExplicitAutograd, m) { m.impl("has_bf16_brgemm", &has_bf16_brgemm); }

@@ -22,6 +22,7 @@ import torch
 
 from lowbit.ir.annotations import QUANT_KEY
 from lowbit.ir.attention_window_statistics import window_keep
+from lowbit.ir.packed_weights import integer_codes, unpacked_shape
 from lowbit.ir.schema import FakeQuant, Log2FakeQuant, QuantizedAttention, QuantizedConv2d, QuantizedLinear
 from lowbit.lowering.onnx_qnn import layers, quantizers
 from lowbit.lowering.onnx_qnn.errors import LoweringError
@@ -54,7 +55,7 @@ def _log2_fake_quant(em, node, op):
 
 def _weight(em, node, op, shape: tuple[int, ...] | None = None) -> str:
     spec = node.meta[QUANT_KEY].weight if QUANT_KEY in node.meta else None
-    qvalues = em.value(op.weight)
+    qvalues = integer_codes(em.value(op.weight))
     bits = spec.bits if spec is not None else (8 if qvalues.dtype == torch.int8 else 16)
     return layers.integer_weight(em, qvalues if shape is None else qvalues.reshape(shape), em.value(op.weight_scale),
                                  bits, em.hint(op.weight))
@@ -75,7 +76,7 @@ def _quantized_conv2d(em, node, op):
         x = _quantize(em, x, em.value(op.x).shape, op.input_scale, op.input_zero_point, op.input_qmin,
                       op.input_qmax, f"{layer_of(node)}:input")
     return layers.conv(em, x, tuple(em.value(op.x).shape), lambda shape: _weight(em, node, op, shape),
-                       tuple(em.value(op.weight).shape), em.value(op.bias), op.stride, op.padding, op.dilation,
+                       unpacked_shape(em.value(op.weight)), em.value(op.bias), op.stride, op.padding, op.dilation,
                        op.groups, em.hint(op.weight))
 
 
