@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from lowbit.cli.arguments import positive_int
 from lowbit.core.staging import add_output_arguments, output_folder, staged_folder
-from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS
+from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC, SOCS, float_weight_bits
 
 __all__ = ["add_commands"]
 
@@ -91,7 +91,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     qmodel = quantize(model, recipe, calibration, step_arg=_step_arg(args.model), progress=False)
     examples = cfg_examples(calibration, args.batch, qmodel.step_arg)
     with staged_folder(out, overwrite=args.overwrite) as tmp:
-        results = export_schedule(qmodel, examples, tmp, calibration=calibration)
+        results = export_schedule(qmodel, examples, tmp, calibration=calibration, fp_weight_bits=float_weight_bits(args.soc))
         manifest = json.loads((tmp / "manifest.json").read_text())
         (tmp / "manifest.json").write_text(json.dumps({**manifest, "model": args.model, "soc": args.soc}, indent=1))
         (tmp / "inputs").mkdir()
@@ -106,6 +106,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
           f"{qmodel.step_arg}s {', '.join(f'{r.timestep:g}' for r in results)}) in {out}")
     print(f"lowbit: EPContext models {', '.join(p.name for p in contexts)} share one context binary of {size / 1e6:.2f} MB "
           f"in {out / 'context'}")
+    if float_weight_bits(args.soc) < 16:
+        print(f"lowbit: {args.soc}'s HTP (v{SOCS[args.soc][0]}) takes no 16-bit weights: the layers the recipe keeps in full "
+              f"precision went in with {float_weight_bits(args.soc)}-bit weights")
     return 0
 
 

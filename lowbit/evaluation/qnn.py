@@ -29,6 +29,7 @@ from torch.utils import _pytree as pytree
 from lowbit.evaluation.run import EVAL_MODELS, compare_images
 from lowbit.evaluation.harness import alignment_slack, evaluate
 from lowbit.lowering.onnx_qnn import HTPDenoiser, export_schedule
+from lowbit.lowering.onnx_qnn.htp import float_weight_bits
 from lowbit.lowering.onnx_qnn.htp import DEFAULT_SOC
 from lowbit.core.quantize import quantize
 from lowbit.ir.capture import batch_size
@@ -101,7 +102,7 @@ def run_qnn_eval(recipe: str, samples: int, folder: str | Path, *, steps: int = 
     calibration = list(subject.calibration)
     qmodel = quantize(subject.model, recipe, calibration, step_arg=subject.step_arg, progress=progress)
     examples = cfg_examples(calibration, batch, subject.step_arg)
-    export_schedule(qmodel, examples, folder, calibration=calibration, progress=progress)
+    export_schedule(qmodel, examples, folder, calibration=calibration, fp_weight_bits=float_weight_bits(soc), progress=progress)
     # the HTP samples one graph batch of prompts at a time, so its progress bar moves
     runs = {f"{recipe} (eager)": (ConditioningProbe(qmodel), seed, samples),
             f"{recipe} (QNN HTP)": (ConditioningProbe(HTPDenoiser(folder, subject.step_arg, soc=soc)), seed, batch // 2)}

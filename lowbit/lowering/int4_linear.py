@@ -5,6 +5,8 @@ second time at a byte per value. This kernel reads the weight packed: per block 
 channels it unpacks the block to int8 in cache and runs the products on ATen's u8 x s8 brgemm (AMX
 or AVX512-VNNI). It reads the weight in the brgemm's order, a copy made once per weight (a cache
 keyed by the tensor and its version, like oneDNN's prepacked weights), also packed two per byte.
+It trades speed for memory: its GEMMs ran at about 55% of oneDNN's prepacked ones on the PixArt
+block (README, ``bench/compile_cpu.py --profile``).
 
 The input's uint8 codes (a signed grid shifted into [0, 255] with its zero point) are computed in the
 graph, with one scale per tensor or per row, so that inductor fuses them with what comes before.

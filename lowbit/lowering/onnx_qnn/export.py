@@ -85,7 +85,9 @@ def export_onnx(qmodel, args: tuple = (), kwargs: dict[str, Any] | None = None, 
     ``args``/``kwargs`` are example inputs for ``qmodel.forward``: they fix the static batch size
     and the timestep the graph serves. ``calibration`` (the samples given to ``lowbit.quantize``)
     sets the 16-bit ranges of the tensors lowbit keeps in full precision; without it the example
-    alone does. The graph's inputs and outputs are integer tensors: see ``IOCodec``.
+    alone does. ``fp_weight_bits``: the weight width of the layers kept in full precision (16; 8 for
+    an HTP without 16-bit weights: ``htp.float_weight_bits(soc)``). The graph's inputs and outputs are
+    integer tensors: see ``IOCodec``.
     """
     if target not in TARGETS:
         raise ValueError(f"unknown export target {target!r}; supported: {', '.join(TARGETS)}")

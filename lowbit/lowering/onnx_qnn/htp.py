@@ -23,7 +23,8 @@ import onnxruntime as ort
 
 from lowbit.lowering.onnx_qnn.legalize import IO_KEY
 
-__all__ = ["DEFAULT_SOC", "EP_NAME", "HTP_OPTIONS", "IOCodec", "SOCS", "htp_options", "htp_session", "register_qnn"]
+__all__ = ["DEFAULT_SOC", "EP_NAME", "HTP_OPTIONS", "IOCodec", "SOCS", "float_weight_bits", "htp_options", "htp_session",
+           "register_qnn"]
 
 EP_NAME = "QNNExecutionProvider"
 # Graph finalization mode 3 (the most optimized graph). Measured on the x86 HTP backend: the
@@ -32,7 +33,8 @@ EP_NAME = "QNNExecutionProvider"
 HTP_OPTIONS = {"backend_type": "htp", "htp_graph_finalization_optimization_mode": "3"}
 # Snapdragon SoCs as QNN names them: (HTP architecture, soc_model id of the QNN SDK's device table).
 # Measured on the x86 HTP backend with the reference model at W8A8: v73, v75, v79 and v81 take every
-# node; v69 leaves the Gemms of the layers kept at 16-bit weights (the first and last) to the CPU.
+# node; v69 leaves the Gemms of the layers kept at 16-bit weights (the first and last) to the CPU,
+# and takes them with 8-bit weights (``float_weight_bits``).
 SOCS = {
     "sm8450": ("69", "36"),  # Snapdragon 8 Gen 1
     "sm8550": ("73", "43"),  # Snapdragon 8 Gen 2
@@ -54,6 +56,13 @@ def register_qnn() -> None:
     if not any(d.ep_name == EP_NAME for d in ort.get_ep_devices()):
         ort.register_execution_provider_library(EP_NAME, onnxruntime_qnn.get_library_path())
     _registered = True
+
+
+def float_weight_bits(soc: str = DEFAULT_SOC) -> int:
+    """The weight width for layers lowbit keeps in full precision that the HTP of ``soc`` takes: 16 bits,
+    but 8 on v69 (Snapdragon 8 Gen 1), whose Gemm has no 16-bit weights (measured)."""
+    htp_options(soc)
+    return 8 if int(SOCS[soc][0]) < 73 else 16
 
 
 def htp_options(soc: str = DEFAULT_SOC) -> dict[str, str]:

@@ -39,3 +39,14 @@ def test_export_then_verify(tmp_path, capsys, mixed_recipe):
 def test_export_refuses_an_odd_batch(tmp_path, capsys):
     assert main(["export", "--model", "pixart", "--batch", "3", "--out", str(tmp_path / "x")]) == 2
     assert "--batch must be an even number" in capsys.readouterr().err
+
+
+def test_export_for_the_snapdragon_8_gen_1_runs_whole_there(tmp_path, capsys):
+    """v69 has no 16-bit weights: the export for sm8450 gives the layers kept in full precision 8-bit ones,
+    and verify-qnn (on the SoC the manifest names) loads every node on that HTP."""
+    out = tmp_path / "qnn"
+    assert main(["export", "--model", "reference", "--soc", "sm8450", "--steps", "1", "--prompts", "1", "--out", str(out)]) == 0
+    assert "takes no 16-bit weights" in capsys.readouterr().out
+    graph = out / next(iter(json.loads((out / "manifest.json").read_text())["graphs"].values()))
+    assert main(["verify-qnn", str(graph)]) == 0
+    assert "loads on the HTP of sm8450 (v69, SoC 36) with CPU fallback disabled" in capsys.readouterr().out

@@ -9,6 +9,7 @@ import torch
 from onnx import TensorProto
 
 import lowbit
+from lowbit.lowering.onnx_qnn.htp import float_weight_bits
 from lowbit.lowering.onnx_qnn.quantizers import QUANTIZER_KEY
 
 from tests.lowering.onnx_qnn.conftest import fp_output
@@ -56,7 +57,7 @@ def test_reference_recipe_runs_on_the_htp_like_eager(tmp_path, name, quantized, 
     assert (len(int4) > 0) == (qmodel.recipe.precision.weight_bits <= 4)
 
 
-def test_other_socs_are_targets_and_an_older_htp_names_what_it_cannot_take(tmp_path, quantized, reference_calibration):
+def test_other_socs_are_targets_and_an_older_htp_names_what_it_cannot_take(tmp_path, quantized, reference, reference_calibration):
     qmodel = quantized("minmax-w8a8")
     args, kwargs = reference_calibration[0]
     path = lowbit.export_onnx(qmodel, args, kwargs, tmp_path / "model.onnx", calibration=reference_calibration).path
@@ -69,5 +70,15 @@ def test_other_socs_are_targets_and_an_older_htp_names_what_it_cannot_take(tmp_p
     assert not gen1.ok and "does NOT load on the HTP of sm8450 (v69, SoC 36)" in gen1.lines()[0]
     assert {m.layer for m in gen1.misplaced} == {"pos_embed.proj", "proj_out"}
     assert {m.op for m in gen1.misplaced} >= {"Gemm"} and {m.where for m in gen1.misplaced} == {"cpu"}
+    # ... and with those layers at 8-bit weights (what `lowbit export --soc sm8450` does) the model runs whole there
+    assert float_weight_bits("sm8450") == 8 and float_weight_bits("sm8750") == 16
+    path8 = lowbit.export_onnx(qmodel, args, kwargs, tmp_path / "model8.onnx", calibration=reference_calibration,
+                               fp_weight_bits=8).path
+    inputs = {i.name: kwargs[i.name] for i in onnx.load(str(path8)).graph.input}
+    whole = lowbit.verify_qnn(path8, inputs, qmodel, context_dir=tmp_path / "context8", soc="sm8450")
+    assert whole.ok, "\n".join(whole.lines())
+    with torch.no_grad():
+        quantization_error = _relative(qmodel(**kwargs)[0], fp_output(reference, kwargs))
+    assert whole.relative_error <= HTP_NOISE * quantization_error, (whole.relative_error, quantization_error)
     with pytest.raises(ValueError, match="unknown SoC 'sm8999'; lowbit knows sm8450"):
         lowbit.verify_qnn(path, soc="sm8999")
