@@ -15,7 +15,8 @@ The integer sums are exact, so the result equals the reference ``quantized_linea
 rounding. A linear followed by GELU and by a linear whose input grid is a whole 8-bit type (a
 transformer's MLP) runs as one oneDNN call with GELU in its epilogue and the next linear's quantizer
 after it, writing that layer's input codes: the float activations between the two never exist.
-DGQ's channel groups give each input channel its own (scale, zero point), G distinct pairs: the
+Packed 4-bit weights run lowbit's int4 kernel instead (:mod:`lowbit.lowering.int4_linear`), with
+the same chain. DGQ's channel groups give each input channel its own (scale, zero point), G distinct pairs: the
 channels are reordered group by group once per grouping, and each group's integer partial sum gets
 its own parameters (``group_linear``). Activations wider than 8 bits have no int8 form and run the
 reference arithmetic; the translation report names them.
@@ -40,7 +41,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from lowbit.ir.ops import conv2d_reference, linear_reference
 from lowbit.ir.packed_weights import integer_codes
 from lowbit.ir.schema import QuantizedAttention, QuantizedConv2d, QuantizedLinear
-from lowbit.lowering.int4_linear import int4_linear, int4_linear_takes
+from lowbit.lowering.int4_linear import int4_chained, int4_linear, int4_linear_takes
 from lowbit.lowering.onednn import int8_matmul, quantized_conv2d, quantized_matmul
 from lowbit.lowering.tiled_attention import tiled_attention_form
 from lowbit.lowering.translate import node_dtype, node_shape
@@ -196,10 +197,21 @@ def _only_user(node: torch.fx.Node) -> torch.fx.Node | None:
     return users[0] if len(users) == 1 else None
 
 
+def _chain_form(node: torch.fx.Node) -> Callable | None:
+    """What makes a ``quantized_linear`` node's chained form (``_chained_linear`` for oneDNN's fused call,
+    ``int4_chained`` for the int4 kernel with one input scale), or None where it joins no chain."""
+    if _one_scale_int8(node):
+        return _chained_linear
+    scale_shape = node_shape(QuantizedLinear.of(node).input_scale)
+    one_scale = scale_shape is not None and all(d == 1 for d in scale_shape)
+    return int4_chained if one_scale and int4_linear_takes(node) else None
+
+
 def _gelu_chain(node: torch.fx.Node) -> tuple[list[torch.fx.Node], torch.fx.Node] | None:
     """(the GELU and inference dropouts after it, next linear) when ``node``'s output feeds only a
-    GELU, through dropouts that do nothing (``train`` False), into a linear that takes the fused call
-    and whose grid is a whole 8-bit type (what oneDNN saturates to)."""
+    GELU, through dropouts that do nothing (``train`` False), into a linear of the same chained form
+    whose grid that form writes: a whole 8-bit type for oneDNN (it saturates to the type), any grid of
+    codes from 0 up for the int4 kernel."""
     gelu = _only_user(node)
     if gelu is None or gelu.target is not _GELU:
         return None
@@ -209,9 +221,11 @@ def _gelu_chain(node: torch.fx.Node) -> tuple[list[torch.fx.Node], torch.fx.Node
         following = _only_user(following)
     if following is None or following.op != "call_function" or following.target != QuantizedLinear.overload():
         return None
-    op = QuantizedLinear.of(following)
-    grid_whole = (op.input_qmin, op.input_qmax) in ((0, 255), (-128, 127))
-    return (between, following) if op.x is between[-1] and grid_whole and _one_scale_int8(following) else None
+    op, form = QuantizedLinear.of(following), _chain_form(following)
+    if form is None or form is not _chain_form(node):
+        return None
+    writable = (op.input_qmin, op.input_qmax) in ((0, 255), (-128, 127)) if form is _chained_linear else op.input_qmin >= 0
+    return (between, following) if op.x is between[-1] and writable else None
 
 
 def _hoist(values: list[torch.fx.Node], anchor: torch.fx.Node) -> bool:
@@ -236,9 +250,11 @@ def _hoist(values: list[torch.fx.Node], anchor: torch.fx.Node) -> bool:
 
 
 def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
-    """Chooses a linear's form; a GELU chain is fused here: the GELU node becomes a pass-through, the
-    next linear is marked to read codes, and this node gains the next quantizer's parameters."""
-    if _one_scale_int8(node):
+    """Chooses a linear's form; a GELU chain (oneDNN's or the int4 kernel's) is fused here: the GELU node
+    becomes a pass-through, the next linear is marked to read codes, and this node gains the next
+    quantizer's parameters."""
+    make = _chain_form(node)
+    if make is not None:
         codes_input = node.meta.get(_CODES_INPUT, False)
         chain = _gelu_chain(node)
         if chain is not None:
@@ -252,8 +268,10 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
                 for passed in (gelu, *dropouts):
                     passed.target = _passthrough
                 following.meta[_CODES_INPUT] = True
-                return _chained_linear(node_dtype(node), codes_input, approximate), None
-        return (_chained_linear(node_dtype(node), True) if codes_input else int8_linear), None
+                return make(node_dtype(node), codes_input, approximate), None
+        if codes_input:
+            return make(node_dtype(node), True), None
+        return (int8_linear if make is _chained_linear else int4_linear), None
     if int4_linear_takes(node):
         return int4_linear, None
     reason = int8_form(node)

@@ -82,9 +82,10 @@ def _mlp_graph(recipe: str) -> tuple[torch.fx.GraphModule, torch.nn.Module, torc
     return gm, qmodel, torch.randn(4, 10, 32)
 
 
-def test_linear_gelu_linear_runs_as_one_int8_chain():
+@pytest.mark.parametrize("recipe", ["minmax-w8a8", "minmax-w4a8"])  # oneDNN's chain; the int4 kernel's where it runs
+def test_linear_gelu_linear_runs_as_one_int8_chain(recipe):
     """GELU in the first GEMM's epilogue, which writes the second linear's input codes."""
-    gm, qmodel, x = _mlp_graph("minmax-w8a8")
+    gm, qmodel, x = _mlp_graph(recipe)
     assert [n.name for n in gm.graph.nodes if n.target is _passthrough] == ["gelu", "dropout"]
     out, eager = (y[0] if isinstance(y, tuple) else y for y in (gm(x), qmodel(x)))
     assert _relative(out, eager) < 1e-4  # the same codes but where float32 rounding meets a code boundary

@@ -32,6 +32,24 @@ def test_int4_kernel_equals_reference(m, k, n, grid, per_row):
     torch.testing.assert_close(int4.int4_linear(*args), linear_reference(*args), rtol=1e-5, atol=1e-4)
 
 
+@needs_kernel
+@pytest.mark.parametrize("approximate", ["none", "tanh"])
+@pytest.mark.parametrize("grid", [(0, 255), (0, 63)])
+def test_int4_kernel_applies_gelu_and_writes_the_next_layers_codes(approximate, grid):
+    g = torch.Generator().manual_seed(len(approximate) + grid[1])
+    m, k, n = 70, 64, 100
+    x = torch.randn(m, k, generator=g) * 3
+    weight = pack_int4(torch.randint(-8, 8, (n, k), generator=g, dtype=torch.int8))
+    args = (x, weight, torch.rand(n, generator=g) / 100, torch.randn(n, generator=g), torch.tensor(0.05), torch.tensor(120.0), 0, 255)
+    codes, scale, zero_point = int4._rows(x, *args[4:], False)
+    out_scale, out_zero = torch.tensor(0.02), torch.tensor(float(grid[1] // 4))
+    got = int4.int4_matmul(codes, scale, zero_point, *args[1:4], approximate, out_scale, out_zero, list(grid))
+    y = torch.nn.functional.gelu(linear_reference(*args), approximate=approximate)
+    want = torch.clamp(torch.round(y / out_scale) + out_zero, *grid) - grid[0]
+    assert got.dtype == torch.uint8
+    assert (got.float() - want).abs().max() <= 1 and (got.float() != want).float().mean() < 0.01  # a code boundary, at most
+
+
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).norm() / b.norm()).item()
 

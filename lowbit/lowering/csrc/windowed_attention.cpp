@@ -79,6 +79,7 @@ at::Tensor windowed_attention(const at::Tensor& q, const at::Tensor& k, const at
               "windowed_attention takes float32");
   const int64_t batch = q.size(0), heads = q.size(1), queries = q.size(2), dim = q.size(3), keys = k.size(2),
                 vdim = v.size(3);
+  TORCH_CHECK(tile > 0 && tile <= kRunKeys, "windowed_attention: tile must lie in [1, ", kRunKeys, "], got ", tile);
   const int64_t q_tiles = (queries + tile - 1) / tile, k_tiles = (keys + tile - 1) / tile;
   TORCH_CHECK(tiles.scalar_type() == at::kChar && tiles.dim() == 3 && tiles.size(0) == heads && tiles.size(1) == q_tiles &&
                   tiles.size(2) == k_tiles, "windowed_attention: tiles must be int8 [heads, query tiles, key tiles]");
