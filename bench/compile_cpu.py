@@ -74,9 +74,10 @@ def pixart_block(tokens: int, caption: tuple[int, int] = (120, 1152)) -> tuple[t
     return model, inputs
 
 
-def sd_down_block() -> tuple[torch.nn.Module, Callable[[torch.Generator, float], dict]]:
+def sd_down_block(side: int = 64) -> tuple[torch.nn.Module, Callable[[torch.Generator, float], dict]]:
+    """The block with its inputs at a ``side`` x ``side`` latent."""
     def inputs(g: torch.Generator, t: float) -> dict:
-        return dict(sample=torch.randn(2, 320, 64, 64, generator=g), timestep=torch.full((2,), t),
+        return dict(sample=torch.randn(2, 320, side, side, generator=g), timestep=torch.full((2,), t),
                     encoder_hidden_states=torch.randn(2, 77, 768, generator=g))
 
     return SDDownBlock().eval(), inputs

@@ -5,8 +5,8 @@ or 4-bit packed two per byte) plus every copy of it a compile target made and ke
 prepacked int8 weights and the int4 kernel's blocks on the CPU; the Triton kernels' prepared
 layouts where they are not the stored tensor itself), after one compiled step. Float tensors
 (norms, biases, layers left in float) are listed apart. Models: the PixArt-alpha-shaped block and
-the SD-1.x down block of ``bench/compile_cpu.py`` (16 image tokens: weights do not depend on it, and
-the Triton target runs in its interpreter here).
+the SD-1.x down block of ``bench/compile_cpu.py`` (16 image tokens, an 8 x 8 latent: weights do not
+depend on them, and the Triton target runs in its interpreter here).
 
     .venv/bin/python bench/weight_memory.py     # writes bench/results/weight_memory.md
 """
@@ -22,7 +22,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton target's kernels on
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from compile_cpu import CALIBRATION_TIMESTEPS, SDDownBlock, pixart_block  # noqa: E402
+from compile_cpu import CALIBRATION_TIMESTEPS, pixart_block, sd_down_block  # noqa: E402
 
 import lowbit  # noqa: E402
 from lowbit.lowering import int4_linear, onednn, triton as triton_target  # noqa: E402
@@ -65,13 +65,8 @@ def held(model: torch.nn.Module, inputs: dict, target: str) -> list[tuple[str, i
     return rows
 
 
-def _sd_inputs(g: torch.Generator, t: float) -> dict:
-    return dict(sample=torch.randn(2, 320, 8, 8, generator=g), timestep=torch.full((2,), t),
-                encoder_hidden_states=torch.randn(2, 77, 768, generator=g))
-
-
 def main() -> None:
-    models = {"PixArt-alpha block": pixart_block(16), "SD-1.x down block": (SDDownBlock().eval(), _sd_inputs)}
+    models = {"PixArt-alpha block": pixart_block(16), "SD-1.x down block": sd_down_block(8)}
     lines = [f"torch {torch.__version__}; int4 CPU kernel {'runs' if has_int8_brgemm() else 'does not run'} on this host; "
              "the Triton target in its interpreter on CPU tensors (TRITON_INTERPRET=1).", "",
              "| model | target | recipe | integer weights stored (MiB) | copies the target holds (MiB) | integer weights held "

@@ -157,7 +157,8 @@ def flex_windowed(q: Tensor, k: Tensor, v: Tensor, scale: float, widths: Tensor,
 
 def native_tile(queries: int) -> int:
     """The C++ kernel's tile side: small tiles skip more, large ones run longer GEMMs. 16 at VAR-d16's
-    256 queries, 32 at 4,096, 64 at 16,384 were the fastest (``bench/windowed_attention.py``)."""
+    256 queries, 32 at 4,096, 64 at 16,384 were the fastest, or within 5% of it
+    (``bench/windowed_attention.py``)."""
     return min(64, max(16, 1 << max(queries // 128, 1).bit_length() - 1))
 
 

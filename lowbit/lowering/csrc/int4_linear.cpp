@@ -29,7 +29,7 @@ using Vec = at::vec::Vectorized<float>;
 namespace blas = at::native::cpublas;
 
 constexpr int64_t kChannels = 64;  // output channels per weight block: the brgemm's B block width
-constexpr int64_t kRows = 32;      // input rows per brgemm call: the fastest of 16 to 512 at the PixArt block's shapes
+constexpr int64_t kRows = 32;      // input rows per brgemm call: the fastest of 16 to 512 tried by hand on the PixArt block
 constexpr int64_t kRowsPerTask = 256;  // rows that share one unpacked weight block
 
 // Two's complement 4-bit values, two per byte (low nibble first), into int8.
