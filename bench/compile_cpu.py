@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import dataclasses
 import ctypes.util
 import gc
 import os
@@ -39,6 +40,7 @@ from diffusers.models.unets.unet_2d_blocks import CrossAttnDownBlock2D
 import lowbit
 from lowbit.evaluation.run import calibrate_reference
 from lowbit.models.reference import load_reference_model
+from lowbit.recipes.builtin import get_recipe
 
 RESULTS = Path(__file__).parent / "results" / "compile_cpu.md"
 CALIBRATION_TIMESTEPS = (900.0, 500.0, 100.0)
@@ -55,7 +57,7 @@ class SDDownBlock(torch.nn.Module):
                                           cross_attention_dim=768, num_attention_heads=8, add_downsample=True)
 
     def forward(self, sample, timestep, encoder_hidden_states):
-        temb = self.time_embedding(self.time_proj(timestep))
+        temb = self.time_embedding(self.time_proj(timestep).to(sample.dtype))  # as UNet2DConditionModel casts it
         return self.block(sample, temb, encoder_hidden_states)[0]
 
 
@@ -160,8 +162,11 @@ def _weight_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def variants(model: torch.nn.Module, calibration: list) -> dict[str, tuple[Callable, torch.nn.Module]]:
-    """name -> (callable taking the model's keyword inputs, the module whose weights it holds)."""
+def variants(model: torch.nn.Module, calibration: list, interior: bool = False) -> dict[str, tuple[Callable, torch.nn.Module]]:
+    """name -> (callable taking the model's keyword inputs, the module whose weights it holds). With
+    ``interior`` the model is a piece cut from inside a larger one (the SD down block), whose first and
+    last layers are interior layers there: the recipes quantize them, as in the whole UNet, instead of
+    keeping them in float as a model's input and output layers (``keep_io_layers``)."""
     out: dict[str, tuple[Callable, torch.nn.Module]] = {"FP32 eager": (model, model),
                                                         "FP32 compiled (inductor)": (torch.compile(model), model)}
 
@@ -170,19 +175,22 @@ def variants(model: torch.nn.Module, calibration: list) -> dict[str, tuple[Calla
             return model(**kw)
 
     out["bf16 autocast"] = (bf16, model)
-    for recipe in ("minmax-w8a8", "minmax-w4a8"):
+    for name in ("minmax-w8a8", "minmax-w4a8"):
+        recipe = get_recipe(name)
+        if interior:
+            recipe = dataclasses.replace(recipe, precision=dataclasses.replace(recipe.precision, keep_io_layers=False))
         qmodel = lowbit.quantize(model, recipe, calibration, progress=False)
-        name = f"lowbit {recipe.split('-')[1].upper()} (backend=lowbit)"
+        name = f"lowbit {name.split('-')[1].upper()} (backend=lowbit)"
         out[name] = (torch.compile(qmodel, backend="lowbit"), qmodel.graph_module)
     return out
 
 
 def measure(title: str, model: torch.nn.Module, make_inputs: Callable, rounds: int, calibration: list | None = None,
-            profile: bool = False) -> list[str]:
+            profile: bool = False, interior: bool = False) -> list[str]:
     g = torch.Generator().manual_seed(0)
     calibration = calibration or [((), make_inputs(g, t)) for t in CALIBRATION_TIMESTEPS]
     step_inputs = calibration[len(calibration) // 2][1]
-    runs = variants(model, calibration)
+    runs = variants(model, calibration, interior)
     times: dict[str, list[float]] = {name: [] for name in runs}
     outputs: dict[str, torch.Tensor] = {}
     with torch.no_grad():
@@ -240,8 +248,8 @@ def main() -> None:
                                     f"of width {caption_width}", model, make_inputs, args.rounds, profile=args.profile)
     if "unet" in args.models:
         model, make_inputs = sd_down_block()
-        sections += measure("SD-1.x-shaped UNet down block (CrossAttnDownBlock2D), batch 2, 64x64", model, make_inputs, args.rounds,
-                            profile=args.profile)
+        sections += measure("SD-1.x-shaped UNet down block (CrossAttnDownBlock2D), batch 2, 64x64, every layer quantized as in "
+                            "the UNet", model, make_inputs, args.rounds, profile=args.profile, interior=True)
     if "reference" in args.models:
         model = load_reference_model()
         calibration = calibrate_reference(model, prompts=4, steps=5, progress=False)

@@ -17,6 +17,8 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cmath>
 #include <limits>
@@ -51,23 +53,42 @@ struct Rows {
   }
 };
 
+// The bf16 bit patterns of values bf16 holds exactly (the codes: integers of at most 256 in magnitude,
+// powers of two) in the low halves of 32-bit lanes: their float patterns' high halves, with none of a
+// rounding conversion's work.
+__m512i bf16_bits(Vec x) { return _mm512_srli_epi32(_mm512_castps_si512(__m512(x)), 16); }
+
+// x's first n lanes, exact in bf16, stored as bf16.
+void store_exact(Vec x, BFloat16* out, int64_t n = Vec::size()) {
+  _mm512_mask_cvtepi32_storeu_epi16(out, n == Vec::size() ? __mmask16(0xffff) : lowbit::first_lanes(n), bf16_bits(x));
+}
+
+// out[j] <- code(row[j]) over [0, n). Whole pairs of vectors pack together into one store (two
+// shuffles where two narrowing stores take four).
+template <typename Code>
+void store_codes(const float* row, BFloat16* out, int64_t n, Code code) {
+  const __m512i in_order = _mm512_set_epi64(7, 5, 3, 1, 6, 4, 2, 0);  // undoes packus's per-lane interleave
+  int64_t j = 0;
+  for (; j + 2 * Vec::size() <= n; j += 2 * Vec::size()) {
+    const __m512i pair = _mm512_packus_epi32(bf16_bits(code(Vec::loadu(row + j))), bf16_bits(code(Vec::loadu(row + j + Vec::size()))));
+    _mm512_storeu_si512(out + j, _mm512_permutexvar_epi64(in_order, pair));
+  }
+  for (; j + Vec::size() <= n; j += Vec::size()) store_exact(code(Vec::loadu(row + j)), out + j);
+  if (j < n) store_exact(code(Vec(_mm512_maskz_loadu_ps(lowbit::first_lanes(n - j), row + j))), out + j, n - j);
+}
+
 // An operand before its quantizer: values x [B, H, L, D], the scale and zero point of each row [B, H, L], the grid.
 struct Operand {
   Rows x, scale, zero_point;
   float qmin, qmax;
 
   // The codes clamp(round(x / s) + z, qmin, qmax) - z of head t's `rows` rows of `cols` values into the
-  // rows of out (row stride ld).
+  // rows of out (row stride ld); x / s as x times 1 / s, as the CPU target's other quantizers compute it.
   void codes(int64_t t, int64_t rows, int64_t cols, BFloat16* out, int64_t ld) const {
-    std::vector<float> value(cols);
+    const Vec lo(qmin), hi(qmax);
     for (int64_t r = 0; r < rows; ++r) {
-      const Vec s(*scale.at(t, r)), z(*zero_point.at(t, r));
-      const float* row = x.at(t, r);
-      auto quantize = [&](Vec v) { return at::vec::clamp((v / s).round() + z, Vec(qmin), Vec(qmax)) - z; };
-      int64_t c = 0;
-      for (; c + Vec::size() <= cols; c += Vec::size()) quantize(Vec::loadu(row + c)).store(value.data() + c);
-      if (c < cols) quantize(Vec::loadu(row + c, cols - c)).store(value.data() + c, cols - c);
-      at::vec::convert(value.data(), out + r * ld, cols);
+      const Vec inv(1.0f / *scale.at(t, r)), z(*zero_point.at(t, r));
+      store_codes(x.at(t, r), out + r * ld, cols, [&](Vec v) { return at::vec::clamp((v * inv).round() + z, lo, hi) - z; });
     }
   }
 };
@@ -83,17 +104,29 @@ void pack_columns(const BFloat16* in, BFloat16* out, int64_t k, int64_t n, int64
   }
 }
 
-// row[j] <- exp(logit_j - max logit) with logit_j = row[j] * row_factor * cols[j] (cols null: one key scale,
-// folded into row_factor > 0, so the largest logit is the largest product); returns the sum (softmax's denominator).
+// row[j] <- exp(logit_j - max logit) with logit_j = row[j] * row_factor * cols[j] (one scale per key);
+// returns the sum (softmax's denominator).
 float exponentials(float* row, const float* cols, float row_factor, int64_t keys) {
   const int64_t whole = keys - keys % Vec::size();
   const Vec factor(row_factor);
-  if (cols) {
-    for (int64_t j = 0; j < whole; j += Vec::size()) (Vec::loadu(row + j) * factor * Vec::loadu(cols + j)).store(row + j);
-    for (int64_t j = whole; j < keys; ++j) row[j] = row[j] * row_factor * cols[j];
+  for (int64_t j = 0; j < whole; j += Vec::size()) (Vec::loadu(row + j) * factor * Vec::loadu(cols + j)).store(row + j);
+  for (int64_t j = whole; j < keys; ++j) row[j] = row[j] * row_factor * cols[j];
+  return lowbit::exponentiate(row, keys, lowbit::row_peak(row, keys), 1.0f);
+}
+
+// peaks[r] <- the lane-wise max of peaks[r] and the first `width` (<= 64) values of each row r of a
+// block of products just written by a GEMM call, while they are in L1: a separate pass over the
+// row would read it from L2, and took a fifth of the softmax's time.
+void running_peaks(const float* block, int64_t rows, int64_t ld, int64_t width, __m512* peaks) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* row = block + r * ld;
+    __m512 peak = peaks[r];
+    for (int64_t j = 0; j < width; j += lowbit::kLanes) {
+      const __mmask16 lanes = j + lowbit::kLanes <= width ? __mmask16(0xffff) : lowbit::first_lanes(width - j);
+      peak = _mm512_mask_max_ps(peak, lanes, peak, _mm512_maskz_loadu_ps(lanes, row + j));
+    }
+    peaks[r] = peak;
   }
-  const float scale = cols ? 1.0f : row_factor;  // what turns row[j] into logit_j now
-  return lowbit::exponentiate(row, keys, lowbit::row_peak(row, keys), scale);
 }
 
 // The probability grid: uniform codes c - z, or log2 codes as the values 2^-c (s_p is applied after the GEMM).
@@ -101,29 +134,15 @@ struct Grid {
   bool log2;
   float scale, zero_point, qmin, qmax;
 
-  // The code of p = x * inv with inv = 1 / (softmax denominator * s_p), i.e. of p / s_p.
-  Vec quantize(Vec x, Vec inv) const {
-    if (log2) {
-      Vec c = at::vec::clamp(at::vec::maximum(x * inv, Vec(kTiny)).log2().neg().round(), Vec(0.0f), Vec(qmax));
-      return c.neg().exp2();
-    }
-    return at::vec::clamp((x * inv).round() + Vec(zero_point), Vec(qmin), Vec(qmax)) - Vec(zero_point);
-  }
-
-  // out[j] <- the code of row[j] / total.
+  // out[j] <- the code of p = row[j] / total, i.e. of p / s_p (the grid's constants held in registers).
   void codes(const float* row, float total, BFloat16* out, int64_t keys) const {
-    const Vec inv(1.0f / (total * scale));
-    constexpr int64_t step = 2 * Vec::size();
-    int64_t j = 0;
-    for (; j + step <= keys; j += step) {
-      at::vec::convert_from_float<BFloat16>(quantize(Vec::loadu(row + j), inv), quantize(Vec::loadu(row + j + Vec::size()), inv))
-          .store(out + j);
-    }
-    if (j < keys) {  // the tail, through a full-width buffer
-      float tail[step] = {};
-      std::copy(row + j, row + keys, tail);
-      at::vec::convert_from_float<BFloat16>(quantize(Vec::loadu(tail), inv), quantize(Vec::loadu(tail + Vec::size()), inv))
-          .store(out + j, keys - j);
+    const Vec inv(1.0f / (total * scale)), zero(zero_point), lo(qmin), hi(qmax), tiny(kTiny), none(0.0f);
+    if (log2) {
+      store_codes(row, out, keys, [&](Vec x) {
+        return at::vec::clamp(at::vec::maximum(x * inv, tiny).log2().neg().round(), none, hi).neg().exp2();
+      });
+    } else {
+      store_codes(row, out, keys, [&](Vec x) { return at::vec::clamp((x * inv).round() + zero, lo, hi) - zero; });
     }
   }
 };
@@ -189,18 +208,23 @@ at::Tensor integer_attention(const at::Tensor& q, const at::Tensor& k, const at:
     const int64_t ld = padded + kSkew;
     std::vector<float> logits(block_rows * ld), acc(block_rows * vdim_padded), start_prob(block_rows);
     std::vector<BFloat16> probs(block_rows * ld);
+    std::vector<__m512> peaks(block_rows);  // of each row's products, with one key scale
     for (int64_t task = begin; task < end; ++task) {
       const int64_t t = task / blocks, row0 = (task % blocks) * block_rows, rows = std::min(block_rows, queries - row0);
+      std::fill(peaks.begin(), peaks.end(), _mm512_set1_ps(-std::numeric_limits<float>::infinity()));
       for (int64_t b = 0; b < padded; b += kColumns) {
         blas::brgemm(rows, kColumns, qk_dim, qk_dim, kColumns, ld, false, qc + (t * queries + row0) * qk_dim,
                      kpp + t * qk_dim * padded + b * qk_dim, logits.data() + b);
+        if (one_key_scale) running_peaks(logits.data() + b, rows, ld, std::min(kColumns, keys - b), peaks.data());
       }
       const float key_factor = one_key_scale ? *ko.scale.at(0) : 1.0f;
       for (int64_t r = 0; r < rows; ++r) {
         float* row = logits.data() + r * ld;
         BFloat16* code = probs.data() + r * ld;
         const float row_factor = static_cast<float>(scale) * *qo.scale.at(t, row0 + r) * key_factor;
-        const float total = exponentials(row, colp ? colp + t * padded : nullptr, row_factor, keys);
+        // with one key scale, row_factor > 0 turns products into logits, so the largest product gives the peak
+        const float total = one_key_scale ? lowbit::exponentiate(row, keys, _mm512_reduce_max_ps(peaks[r]), row_factor)
+                                          : exponentials(row, colp + t * padded, row_factor, keys);
         if (start_token >= 0) start_prob[r] = row[start_token] / total;
         grid.codes(row, total, code, keys);
         std::fill(code + keys, code + padded, static_cast<BFloat16>(0.0f));
