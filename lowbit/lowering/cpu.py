@@ -287,7 +287,8 @@ def _linear(node: torch.fx.Node) -> tuple[Callable, str | None]:
 def _conv(**arguments) -> Tensor:
     op = QuantizedConv2d(**arguments)
     zero_point = _zero_point(op.input_zero_point, op.input_scale)
-    codes = _codes(op.x, op.input_scale, zero_point, op.input_qmin, op.input_qmax)
+    # channels-last codes, oneDNN's layout: written so by the quantizer's kernel, where oneDNN would copy them
+    codes = _codes(op.x, op.input_scale, zero_point, op.input_qmin, op.input_qmax).contiguous(memory_format=torch.channels_last)
     return quantized_conv2d(codes, op.input_scale, zero_point, op.weight, op.weight_scale, op.bias, list(op.stride),
                             list(op.padding), list(op.dilation), op.groups).to(op.x.dtype)
 

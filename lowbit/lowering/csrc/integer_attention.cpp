@@ -83,12 +83,14 @@ struct Operand {
   float qmin, qmax;
 
   // The codes clamp(round(x / s) + z, qmin, qmax) - z of head t's `rows` rows of `cols` values into the
-  // rows of out (row stride ld); x / s as x times 1 / s, as the CPU target's other quantizers compute it.
+  // rows of out (row stride ld, the rest of each row zero); x / s as x times 1 / s, as the CPU target's
+  // other quantizers compute it.
   void codes(int64_t t, int64_t rows, int64_t cols, BFloat16* out, int64_t ld) const {
     const Vec lo(qmin), hi(qmax);
     for (int64_t r = 0; r < rows; ++r) {
       const Vec inv(1.0f / *scale.at(t, r)), z(*zero_point.at(t, r));
       store_codes(x.at(t, r), out + r * ld, cols, [&](Vec v) { return at::vec::clamp((v * inv).round() + z, lo, hi) - z; });
+      std::fill(out + r * ld + cols, out + (r + 1) * ld, static_cast<BFloat16>(0.0f));
     }
   }
 };
@@ -170,8 +172,10 @@ at::Tensor integer_attention(const at::Tensor& q, const at::Tensor& k, const at:
   const bool one_key_scale = k_scale.stride(0) == 0 && k_scale.stride(1) == 0 && k_scale.stride(2) == 0;
   const float v_step = *vo.scale.at(0);
   auto bf16 = q.options().dtype(at::kBFloat16);
-  auto q_codes = at::zeros({heads, queries, qk_dim}, bf16), k_codes = at::zeros({heads, padded, qk_dim}, bf16);
-  auto v_codes = at::zeros({heads, padded, vdim_padded}, bf16);
+  auto q_codes = at::empty({heads, queries, qk_dim}, bf16), k_codes = at::empty({heads, padded, qk_dim}, bf16);
+  auto v_codes = at::empty({heads, padded, vdim_padded}, bf16);
+  k_codes.narrow(1, keys, padded - keys).zero_();  // keys up to a whole column block; the codes fill the rest
+  v_codes.narrow(1, keys, padded - keys).zero_();
   BFloat16 *qc = q_codes.data_ptr<BFloat16>(), *kc = k_codes.data_ptr<BFloat16>(), *vc = v_codes.data_ptr<BFloat16>();
   at::parallel_for(0, heads, 1, [&](int64_t begin, int64_t end) {
     for (int64_t t = begin; t < end; ++t) {
