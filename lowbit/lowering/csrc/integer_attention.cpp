@@ -83,13 +83,12 @@ struct Operand {
   float qmin, qmax;
 
   // The codes clamp(round(x / s) + z, qmin, qmax) - z of head t's `rows` rows of `cols` values into the
-  // rows of out (row stride ld, the rest of each row zero); x / s as x times 1 / s, as the CPU target's
-  // other quantizers compute it.
+  // rows of out (row stride ld, the rest of each row zero).
   void codes(int64_t t, int64_t rows, int64_t cols, BFloat16* out, int64_t ld) const {
     const Vec lo(qmin), hi(qmax);
     for (int64_t r = 0; r < rows; ++r) {
-      const Vec inv(1.0f / *scale.at(t, r)), z(*zero_point.at(t, r));
-      store_codes(x.at(t, r), out + r * ld, cols, [&](Vec v) { return at::vec::clamp((v * inv).round() + z, lo, hi) - z; });
+      const Vec s(*scale.at(t, r)), z(*zero_point.at(t, r));
+      store_codes(x.at(t, r), out + r * ld, cols, [&](Vec v) { return at::vec::clamp((v / s).round() + z, lo, hi) - z; });
       std::fill(out + r * ld + cols, out + (r + 1) * ld, static_cast<BFloat16>(0.0f));
     }
   }
