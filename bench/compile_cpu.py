@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import dataclasses
 import ctypes.util
+import dataclasses
 import gc
 import os
 import platform

@@ -40,7 +40,7 @@ inline float row_peak(const float* row, int64_t n) {
 // smallest normal are 0, never subnormal: arithmetic on subnormals takes a microcode assist per
 // lane, which made a head with widely spread logits 6x slower (measured at 4096 keys).
 inline __m512 exp2_nonpositive(__m512 y) {
-  const __m512 lowest = _mm512_set1_ps(-125.0f);  // 2^(-125 - 1/2) * min p is still normal
+  const __m512 lowest = _mm512_set1_ps(-125.0f);  // 2^-125 times p's least value, 2^-1/2, is still normal
   const __mmask16 normal = _mm512_cmp_ps_mask(y, lowest, _CMP_GE_OQ);
   y = _mm512_max_ps(y, lowest);
   const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
