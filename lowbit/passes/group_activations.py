@@ -14,6 +14,14 @@ on the reference model (``bench/dgq_grouping.py``), cross-attention keys and val
 text position lost 4.8% of their norm to clipping on held-out phrasings (up to 9%), grouped by
 channel 1.0%, per tensor 0.06%. ``group_text_tokens=True`` restores plain eq. 5 for the ablation.
 
+For the same reason an operand with one token per sample whose values vary between the
+calibration samples keeps one range: each channel's range there is a handful of per-prompt values
+(SD3's and FLUX's conditioning vectors, into which the pooled text embedding is folded, and the
+adaLN linears they feed), and held-out prompts fall outside group ranges fitted to them — measured
+on the random-weight SD3 and FLUX configs (``bench/attention_scheme.py``), grouping them cost
+dgq-w8a6-auto 6 dB against min-max. A single token that does not vary within a step (a timestep
+embedding) keeps its groups: their ranges are exact.
+
 K = 1 gives one group spanning every vector, which is exactly the per-tensor baseline.
 The assignment is expanded into one scale per vector, shaped to broadcast against the operand,
 so the quantized ops need no new code. Convolution inputs are grouped on their own pixels (not
@@ -83,7 +91,7 @@ class GroupActivations(Pass):
                 for t in steps:
                     stats = ctx.observations.stats[target][t] if t is not None else ctx.observations.overall(target)
                     vmin, vmax = _ranges(stats, dim)
-                    label = cluster_ranges(vmin, vmax, self.num_groups)
+                    label = cluster_ranges(vmin, vmax, self._groups(stats))
                     index = torch.from_numpy(label)
                     k = int(label.max()) + 1
                     lo = torch.full((k,), float("inf")).scatter_reduce(0, index, vmin, "amin")
@@ -107,6 +115,11 @@ class GroupActivations(Pass):
                 node.meta[QUANT_KEY] = dataclasses.replace(annotation, **updated)
                 modified = True
         return PassResult(gm, modified)
+
+    def _groups(self, stats: RangeStatistics) -> int:
+        """K, or 1 for an operand with one token per sample whose values vary between samples (module docstring)."""
+        per_prompt = stats.token_min.numel() == 1 and bool((stats.channel_min < stats.channel_max).any())
+        return 1 if per_prompt else self.num_groups
 
     def _dimension(self, node: torch.fx.Node, operand: str) -> str:
         if not self.select_dim:

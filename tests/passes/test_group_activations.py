@@ -117,3 +117,15 @@ def test_groups_never_clip_their_own_calibration_data(calib):
         ref = model(*args, **kwargs, return_dict=False)[0]
         err = ((q(*args, **kwargs)[0] - ref).norm() / ref.norm()).item()
         assert err < 1e-3, err
+
+
+def test_conditioning_vectors_keep_one_range_when_they_vary_between_prompts(calib):
+    """SD3's conditioning vector folds in the pooled text embedding: one token per sample whose channel
+    ranges are a few per-prompt values, so it keeps one range per step; the timestep's sinusoid
+    feeding the same embedder is one token too but equal across a step's samples, so it keeps its groups."""
+    model, samples = build("sd3"), calib("sd3", batch=4)
+    q = lowbit.quantize(model, _grouped("g8", 8, 8, 8, select_dim=False), samples, progress=False)
+    text = q.params["time_text_embed.text_embedder.linear_1:input"].spec.groups
+    timestep = q.params["time_text_embed.timestep_embedder.linear_1:input"].spec.groups
+    assert all(set(step) == {0} for step in text)  # one group at every step
+    assert all(len(set(step)) > 1 for step in timestep)
