@@ -180,8 +180,7 @@ def variants(model: torch.nn.Module, calibration: list, interior: bool = False) 
         if interior:
             recipe = dataclasses.replace(recipe, precision=dataclasses.replace(recipe.precision, keep_io_layers=False))
         qmodel = lowbit.quantize(model, recipe, calibration, progress=False)
-        name = f"lowbit {name.split('-')[1].upper()} (backend=lowbit)"
-        out[name] = (torch.compile(qmodel, backend="lowbit"), qmodel.graph_module)
+        out[f"lowbit {name.split('-')[1].upper()} (backend=lowbit)"] = (torch.compile(qmodel, backend="lowbit"), qmodel.graph_module)
     return out
 
 
